@@ -1,0 +1,34 @@
+# tuneforge — the two commands: `make quickstart` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tuneforge-installed
+
+.PHONY: install quickstart test protos check-protos clean
+
+# torch first (the CPU wheel), then everything else constrained to it.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	@echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[trainer,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(BIN)/tuneforge quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf .tuneforge .pytest_cache

@@ -1,0 +1,153 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Plan(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_UNSPECIFIED: _ClassVar[Plan]
+    PLAN_STARTER: _ClassVar[Plan]
+    PLAN_PRO: _ClassVar[Plan]
+    PLAN_BUSINESS: _ClassVar[Plan]
+    PLAN_ENTERPRISE: _ClassVar[Plan]
+
+class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
+    FAILURE_KIND_USER: _ClassVar[FailureKind]
+    FAILURE_KIND_SYSTEM: _ClassVar[FailureKind]
+PLAN_UNSPECIFIED: Plan
+PLAN_STARTER: Plan
+PLAN_PRO: Plan
+PLAN_BUSINESS: Plan
+PLAN_ENTERPRISE: Plan
+FAILURE_KIND_UNSPECIFIED: FailureKind
+FAILURE_KIND_USER: FailureKind
+FAILURE_KIND_SYSTEM: FailureKind
+
+class Hyperparameters(_message.Message):
+    __slots__ = ("learning_rate", "lr_peak_ratio", "warmup_ratio", "min_examples", "test_fraction", "n_evals", "max_epochs", "n_checkpoints", "batch_size", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_on_inputs", "early_stopping_patience", "seed")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LR_PEAK_RATIO_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    N_EVALS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    N_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ON_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    lr_peak_ratio: float
+    warmup_ratio: float
+    min_examples: int
+    test_fraction: float
+    n_evals: int
+    max_epochs: int
+    n_checkpoints: int
+    batch_size: int
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    train_on_inputs: str
+    early_stopping_patience: int
+    seed: int
+    def __init__(self, learning_rate: _Optional[float] = ..., lr_peak_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., min_examples: _Optional[int] = ..., test_fraction: _Optional[float] = ..., n_evals: _Optional[int] = ..., max_epochs: _Optional[int] = ..., n_checkpoints: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., train_on_inputs: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DatasetSummary(_message.Message):
+    __slots__ = ("dataset_id", "content_hash", "train_count", "test_count", "topic_counts", "warnings", "filtered_count", "kind", "artifact_path")
+    class TopicCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FILTERED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    content_hash: str
+    train_count: int
+    test_count: int
+    topic_counts: _containers.ScalarMap[str, int]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    filtered_count: int
+    kind: str
+    artifact_path: str
+    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., topic_counts: _Optional[_Mapping[str, int]] = ..., warnings: _Optional[_Iterable[str]] = ..., filtered_count: _Optional[int] = ..., kind: _Optional[str] = ..., artifact_path: _Optional[str] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float
+    eval_loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainingMetrics(_message.Message):
+    __slots__ = ("steps", "epochs", "train_loss", "eval_loss", "stopped_early", "train_seconds")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    epochs: float
+    train_loss: float
+    eval_loss: float
+    stopped_early: bool
+    train_seconds: float
+    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+
+class ArtifactFile(_message.Message):
+    __slots__ = ("path", "size_bytes", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("path", "offset", "data", "eof")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    data: bytes
+    eof: bool
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,333 @@
+"""The ``tuneforge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tuneforge.core.settings import SERVICES
+
+
+def _data_dir(args) -> Path:
+    return Path(args.data_dir or os.environ.get("TUNEFORGE_DATA_DIR", ".tuneforge")).resolve()
+
+
+# -- server side -------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from tuneforge.core.service import configure_logging, run_service
+    from tuneforge.core.settings import get_settings
+    from tuneforge.stack import load_service_class
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    service = load_service_class(args.service)(settings)
+    asyncio.run(run_service(service))
+    return 0
+
+
+def cmd_up(args) -> int:
+    from tuneforge.stack import Stack
+
+    data_dir = _data_dir(args)
+    stack = Stack(data_dir, nats_url=args.nats_url)
+    print(f"starting tuneforge in {data_dir} ...", flush=True)
+    stack.start()
+    print(f"NATS: {stack.nats_url}")
+    for service, target in stack.endpoints.items():
+        print(f"  {service:16s} {target}")
+    print(f"admin token: {data_dir / 'admin_token'}\nlogs: {data_dir / 'logs'}\nCtrl-C stops everything.", flush=True)
+    stop = {"flag": False}
+
+    def _stop(*_):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    import time
+
+    try:
+        while not stop["flag"]:
+            dead = [s for s, ok in stack.alive().items() if not ok]
+            if dead:
+                print(f"service(s) exited: {', '.join(dead)}", file=sys.stderr)
+                for s in dead:
+                    print(stack.log_tail(s), file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    return 0
+
+
+def cmd_make_standin(args) -> int:
+    from tuneforge.core.settings import get_settings
+    from tuneforge.plugins import get_registry
+    from tuneforge.trainer.standin import make_standin
+
+    registry = get_registry()
+    spec = registry.base_models.get(args.model)
+    if spec is None:
+        print(f"unknown base model {args.model!r}; known: {', '.join(sorted(registry.base_models))}", file=sys.stderr)
+        return 2
+    store = Path(args.store).resolve() if args.store else get_settings().resolved_model_store()
+    path = make_standin(spec, store)
+    print(f"wrote a randomly initialised stand-in of {spec.display_name} to {path}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from tuneforge.quickstart import main as quickstart_main
+
+    return quickstart_main(data_dir=_data_dir(args) / "quickstart", keep_running=args.keep_running)
+
+
+# -- client side -------------------------------------------------------------------------------
+def _clients(args):
+    from tuneforge.core.client import Clients
+    from tuneforge.stack import read_stack_file
+
+    stack = read_stack_file(_data_dir(args))
+    key = args.api_key or os.environ.get("TUNEFORGE_API_KEY")
+    if not key:
+        raise SystemExit("no API key: pass --api-key or set TUNEFORGE_API_KEY")
+    return Clients.connect(stack["endpoints"], key)
+
+
+def _run(coro) -> int:
+    import grpc
+
+    try:
+        return asyncio.run(coro)
+    except grpc.aio.AioRpcError as exc:
+        from tuneforge.core.errors import field_violations
+
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        for field, description in field_violations(exc):
+            print(f"  {field}: {description}", file=sys.stderr)
+        return 1
+
+
+def cmd_workspace_create(args) -> int:
+    from tuneforge.api.common.v1 import common_pb2
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+    from tuneforge.core.client import Clients
+    from tuneforge.stack import admin_token_for, read_stack_file
+
+    async def run():
+        stack = read_stack_file(_data_dir(args))
+        clients = Clients.connect(stack["endpoints"], admin_token_for(_data_dir(args)))
+        try:
+            reply = await clients.job_scheduler.CreateWorkspace(js.CreateWorkspaceRequest(
+                name=args.name, plan=common_pb2.Plan.Value(f"PLAN_{args.plan.upper()}"), owner_email=args.email))
+        finally:
+            await clients.close()
+        print(f"workspace {reply.workspace.id} ({args.plan})\nAPI key (shown once): {reply.api_key}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_data_import(args) -> int:
+    from tuneforge import sdk
+
+    async def run():
+        clients = _clients(args)
+        try:
+            reply = await sdk.import_file(clients, Path(args.file), args.topic, all_or_nothing=args.all_or_nothing)
+        finally:
+            await clients.close()
+        print(f"read {reply.lines_read} lines: {reply.imported} imported, {reply.duplicates} already stored, "
+              f"{reply.rejected} rejected")
+        for e in reply.errors:
+            print(f"  line {e.line}: {e.field or '(line)'}: [{e.code}] {e.message}")
+        if reply.error_count > len(reply.errors):
+            print(f"  ... and {reply.error_count - len(reply.errors)} more errors")
+        return 0 if reply.rejected == 0 else 1
+
+    return _run(run())
+
+
+def _parse_sets(pairs: list[str]):
+    from tuneforge.api.common.v1 import common_pb2
+
+    hp = common_pb2.Hyperparameters()
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key == "lora_target_modules":
+            hp.lora_target_modules.extend(v for v in value.split(",") if v)
+            continue
+        field = hp.DESCRIPTOR.fields_by_name.get(key)
+        if field is None:
+            raise SystemExit(f"unknown hyperparameter {key!r}")
+        if field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+            setattr(hp, key, float(value))
+        elif field.type == field.TYPE_STRING:
+            setattr(hp, key, value)
+        else:
+            setattr(hp, key, int(value))
+    return hp
+
+
+def cmd_job_create(args) -> int:
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        clients = _clients(args)
+        try:
+            spec = js.JobSpec(name=args.name, description=args.description or "", topics=args.topic or [],
+                              base_model=args.base_model, method=args.method,
+                              hyperparameters=_parse_sets(args.set or []), notify_email=args.notify or "")
+            reply = await clients.job_scheduler.CreateJob(js.CreateJobRequest(spec=spec))
+        finally:
+            await clients.close()
+        print(f"job {reply.job.id} created ({js.JobState.Name(reply.job.state)})")
+        for w in reply.warnings:
+            print(f"  warning: {w}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_job_watch(args) -> int:
+    from tuneforge import sdk
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        clients = _clients(args)
+        try:
+            events = await sdk.watch_job(clients, args.job_id, lambda e: print(
+                f"[{e.sequence:4d}] {js.JobState.Name(e.state).removeprefix('JOB_STATE_'):16s} {e.message}", flush=True))
+        finally:
+            await clients.close()
+        return 0 if events and events[-1].state == js.JOB_STATE_SUCCEEDED else 1
+
+    return _run(run())
+
+
+def cmd_job_get(args) -> int:
+    from google.protobuf import json_format
+
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        clients = _clients(args)
+        try:
+            reply = await clients.job_scheduler.GetJob(js.GetJobRequest(job_id=args.job_id))
+        finally:
+            await clients.close()
+        print(json.dumps(json_format.MessageToDict(reply.job), indent=2))
+        return 0
+
+    return _run(run())
+
+
+def cmd_dataset_download(args) -> int:
+    from tuneforge import sdk
+
+    async def run():
+        clients = _clients(args)
+        try:
+            files = await sdk.download_dataset(clients, args.dataset_id, Path(args.dir))
+        finally:
+            await clients.close()
+        for f in files:
+            print(f)
+        return 0
+
+    return _run(run())
+
+
+def cmd_models_list(args) -> int:
+    from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
+
+    async def run():
+        clients = _clients(args)
+        try:
+            reply = await clients.model_registry.ListModels(mr.ListModelsRequest())
+        finally:
+            await clients.close()
+        for m in reply.models:
+            print(f"{m.name:30s} {m.id}  {m.method} on {m.base_model}  agents: {', '.join(m.agent_ids) or '-'}")
+        return 0
+
+    return _run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, own and host your own LLMs.")
+    parser.add_argument("--data-dir", help="state directory (default .tuneforge or $TUNEFORGE_DATA_DIR)")
+    parser.add_argument("--api-key", help="workspace API key (default $TUNEFORGE_API_KEY)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run the embedded default: nats-server and the five services")
+    p.add_argument("--nats-url", help="use this NATS server instead of starting the bundled one")
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("serve", help="run one service")
+    p.add_argument("service", choices=SERVICES)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("quickstart", help="start the stack and fine-tune a stand-in model end to end")
+    p.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
+    p.set_defaults(fn=cmd_quickstart)
+
+    models = sub.add_parser("models", help="base-model store and fine-tuned models").add_subparsers(dest="sub", required=True)
+    p = models.add_parser("make-standin", help="write a tiny random stand-in of a catalog model into the store")
+    p.add_argument("model", help="catalog id, e.g. llama-3.2-1b")
+    p.add_argument("--store", help="model store directory (default $TUNEFORGE_MODEL_STORE or <data dir>/models)")
+    p.set_defaults(fn=cmd_make_standin)
+    p = models.add_parser("list", help="list the workspace's fine-tuned models")
+    p.set_defaults(fn=cmd_models_list)
+
+    ws = sub.add_parser("workspaces", help="workspaces (administrator)").add_subparsers(dest="sub", required=True)
+    p = ws.add_parser("create", help="create a workspace and its first API key")
+    p.add_argument("--name", required=True)
+    p.add_argument("--plan", required=True, choices=["starter", "pro", "business", "enterprise"])
+    p.add_argument("--email", required=True, help="owner's email")
+    p.set_defaults(fn=cmd_workspace_create)
+
+    data = sub.add_parser("data", help="training data").add_subparsers(dest="sub", required=True)
+    p = data.add_parser("import", help="import a JSONL file of examples")
+    p.add_argument("file")
+    p.add_argument("--topic", action="append", help="topic added to every example (repeatable)")
+    p.add_argument("--all-or-nothing", action="store_true", help="store nothing unless every line is valid")
+    p.set_defaults(fn=cmd_data_import)
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="sub", required=True)
+    p = jobs.add_parser("create", help="create a job")
+    p.add_argument("--name", required=True)
+    p.add_argument("--description")
+    p.add_argument("--base-model", required=True)
+    p.add_argument("--method", default="sft")
+    p.add_argument("--topic", action="append", help="topic filter (repeatable; default all)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter (repeatable)")
+    p.add_argument("--notify", help="email to notify (default: workspace owner)")
+    p.set_defaults(fn=cmd_job_create)
+    p = jobs.add_parser("watch", help="follow a job until it ends")
+    p.add_argument("job_id")
+    p.set_defaults(fn=cmd_job_watch)
+    p = jobs.add_parser("get", help="show a job")
+    p.add_argument("job_id")
+    p.set_defaults(fn=cmd_job_get)
+
+    ds = sub.add_parser("datasets", help="dataset snapshots").add_subparsers(dest="sub", required=True)
+    p = ds.add_parser("download", help="download a snapshot's files")
+    p.add_argument("dataset_id")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_dataset_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.data_dir:
+        os.environ["TUNEFORGE_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""gRPC errors with rich details (google.rpc.BadRequest field violations)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class ServiceError(Exception):
+    """Raised inside a servicer; the server turns it into a gRPC status with details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: Iterable[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.violations:
+            detail = any_pb2.Any()
+            detail.Pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in self.violations
+                    ]
+                )
+            )
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+def bad_request(message: str, violations: Iterable[tuple[str, str]]) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, violations)
+
+
+def not_found(what: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
+
+
+def failed_precondition(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[str, str]]:
+    """Client side: the BadRequest field violations of an error, if any."""
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    out: list[tuple[str, str]] = []
+    if status is None:
+        return out
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            info = error_details_pb2.BadRequest()
+            detail.Unpack(info)
+            out.extend((v.field, v.description) for v in info.field_violations)
+    return out
+
+
+_ = code_pb2  # google.rpc codes mirror grpc.StatusCode values

@@ -1,0 +1,115 @@
+"""The scaffold every service shares: its database, the bus, the workspace directory and a gRPC
+server; ``run_service`` runs one until SIGTERM/SIGINT and shuts it down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+from sqlalchemy.orm import DeclarativeBase
+
+from tuneforge.core import subjects
+from tuneforge.core.bus import Bus
+from tuneforge.core.db import Database
+from tuneforge.core.outbox import Outbox, OutboxBase
+from tuneforge.core.grpc_server import AuthInterceptor, create_server, stop_server
+from tuneforge.core.settings import Settings, service_key
+from tuneforge.core.workspaces import DirectoryBase, WorkspaceDirectory
+
+log = logging.getLogger(__name__)
+
+
+class BaseService:
+    """Composes the shared parts; a service fills in its tables, servicers and consumers."""
+
+    name: str = ""
+    tables: Sequence[type[DeclarativeBase]] = ()
+    admin_methods: Sequence[str] = ()
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings.database_url(self.name))
+        self.directory = WorkspaceDirectory(self.db)
+        self.bus: Bus | None = None
+        self.outbox: Outbox | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._health = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- hooks -------------------------------------------------------------------------------
+    def grpc_services(self) -> list[tuple[Callable, object, str]]:
+        """``(add_XServicer_to_server, servicer, full service name)`` entries."""
+        raise NotImplementedError
+
+    async def on_start(self) -> None:
+        """Start consumers and background work (the bus is connected)."""
+
+    async def on_stop(self) -> None:
+        """Stop background work."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, port: int | None = None) -> int:
+        await self.db.create_all(DirectoryBase, OutboxBase, *self.tables)
+        self.bus = await Bus.connect(self.settings.nats_url, self.name)
+        self.outbox = Outbox(self.db, self.bus)
+        self.spawn(self.outbox.relay(), f"{self.name}-outbox")
+        await self.bus.consume(
+            f"{service_key(self.name)}-workspaces",
+            [subjects.WORKSPACE_UPDATED],
+            lambda _s, update, _m: self.directory.apply(update),
+        )
+        await self.on_start()
+        interceptor = AuthInterceptor(self.directory, self.settings.admin_token, self.admin_methods)
+        self.server, self.port, self._health = await create_server(
+            host=self.settings.host,
+            port=self.settings.port(self.name) if port is None else port,
+            services=self.grpc_services(),
+            interceptors=[interceptor],
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+        log.info("%s serving on %s:%s", self.name, self.settings.host, self.port)
+        return self.port
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            await stop_server(self.server, self._health, grace)
+        await self.on_stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.bus is not None:
+            await self.bus.close()
+        await self.db.close()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+async def run_service(service: BaseService, grace: float = 5.0) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    log.info("%s stopping", service.name)
+    await service.stop(grace)

@@ -1,0 +1,95 @@
+"""Settings from the environment (prefix ``TUNEFORGE_``), one model for every service."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("dataset-builder", "job-scheduler", "trainer", "model-registry", "notifier")
+
+DEFAULT_PORTS = {
+    "dataset-builder": 50151,
+    "job-scheduler": 50152,
+    "trainer": 50153,
+    "model-registry": 50154,
+    "notifier": 50155,
+}
+
+
+def service_key(service: str) -> str:
+    """``dataset-builder`` -> ``dataset_builder`` (used in env names and file names)."""
+    return service.replace("-", "_")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    data_dir: Path = Field(Path(".tuneforge"), description="State directory: databases, artifacts, outbox, logs.")
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream.")
+    host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
+
+    dataset_builder_port: int = DEFAULT_PORTS["dataset-builder"]
+    job_scheduler_port: int = DEFAULT_PORTS["job-scheduler"]
+    trainer_port: int = DEFAULT_PORTS["trainer"]
+    model_registry_port: int = DEFAULT_PORTS["model-registry"]
+    notifier_port: int = DEFAULT_PORTS["notifier"]
+
+    # One database per service; default: SQLite files under data_dir. A PostgreSQL URL
+    # (postgresql+asyncpg://...) works too.
+    dataset_builder_database_url: str | None = None
+    job_scheduler_database_url: str | None = None
+    trainer_database_url: str | None = None
+    model_registry_database_url: str | None = None
+    notifier_database_url: str | None = None
+
+    artifact_url: str | None = Field(None, description="fsspec URL of the artifact store; default data_dir/artifacts.")
+    model_store: Path | None = Field(None, description="Directory of <catalog id>/ model folders; default data_dir/models.")
+
+    admin_token: str | None = Field(None, description="Token that may create workspaces.")
+
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_use_tls: bool = False
+    mail_from: str = "tuneforge <noreply@tuneforge.local>"
+    outbox_dir: Path | None = Field(None, description="Where .eml files go without SMTP; default data_dir/outbox.")
+
+    worker_id: str | None = Field(None, description="Trainer worker id; default host-pid.")
+    training_heartbeat_seconds: float = 5.0
+    training_ack_wait_seconds: float = 60.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    log_level: str = "INFO"
+
+    def port(self, service: str) -> int:
+        return getattr(self, f"{service_key(service)}_port")
+
+    def database_url(self, service: str) -> str:
+        url = getattr(self, f"{service_key(service)}_database_url")
+        if url:
+            return url
+        path = (self.data_dir / "db" / f"{service_key(service)}.sqlite").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{path}"
+
+    def resolved_artifact_url(self) -> str:
+        if self.artifact_url:
+            return self.artifact_url
+        path = (self.data_dir / "artifacts").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return f"file://{path}"
+
+    def resolved_model_store(self) -> Path:
+        return (self.model_store or self.data_dir / "models").resolve()
+
+    def resolved_outbox_dir(self) -> Path:
+        return (self.outbox_dir or self.data_dir / "outbox").resolve()
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

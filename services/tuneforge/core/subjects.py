@@ -1,0 +1,61 @@
+"""Every NATS subject and stream of tuneforge, in one place.
+
+Subjects: ``tuneforge.<domain>.<entity>.<event>``. Work and facts live in separate streams whose
+subjects never overlap.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+
+from tuneforge.api.events.v1 import events_pb2 as ev
+
+EVENTS_STREAM = "TUNEFORGE_EVENTS"
+WORK_STREAM = "TUNEFORGE_TRAINING_WORK"
+
+WORKSPACE_UPDATED = "tuneforge.workspace.workspace.updated"
+
+DATASET_BUILD_REQUESTED = "tuneforge.dataset.build.requested"
+DATASET_BUILD_SUCCEEDED = "tuneforge.dataset.build.succeeded"
+DATASET_BUILD_FAILED = "tuneforge.dataset.build.failed"
+
+TRAINING_RUN_REQUESTED = "tuneforge.training.run.requested"  # work queue
+TRAINING_RUN_STARTED = "tuneforge.training.run.started"
+TRAINING_RUN_PROGRESS = "tuneforge.training.run.progress"
+TRAINING_RUN_CHECKPOINT = "tuneforge.training.run.checkpoint"
+TRAINING_RUN_SUCCEEDED = "tuneforge.training.run.succeeded"
+TRAINING_RUN_FAILED = "tuneforge.training.run.failed"
+TRAINING_RUN_CANCELLED = "tuneforge.training.run.cancelled"
+TRAINING_RUN_CANCEL_REQUESTED = "tuneforge.training.run.cancel_requested"
+
+MODEL_REGISTRATION_REQUESTED = "tuneforge.model.registration.requested"
+MODEL_REGISTRATION_SUCCEEDED = "tuneforge.model.registration.succeeded"
+MODEL_REGISTRATION_FAILED = "tuneforge.model.registration.failed"
+
+JOB_SUCCEEDED = "tuneforge.job.job.succeeded"
+JOB_FAILED = "tuneforge.job.job.failed"
+JOB_CANCELLED = "tuneforge.job.job.cancelled"
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    WORKSPACE_UPDATED: ev.WorkspaceUpdated,
+    DATASET_BUILD_REQUESTED: ev.DatasetBuildRequested,
+    DATASET_BUILD_SUCCEEDED: ev.DatasetBuildSucceeded,
+    DATASET_BUILD_FAILED: ev.DatasetBuildFailed,
+    TRAINING_RUN_REQUESTED: ev.TrainingRunRequested,
+    TRAINING_RUN_STARTED: ev.TrainingRunStarted,
+    TRAINING_RUN_PROGRESS: ev.TrainingRunProgress,
+    TRAINING_RUN_CHECKPOINT: ev.TrainingRunCheckpoint,
+    TRAINING_RUN_SUCCEEDED: ev.TrainingRunSucceeded,
+    TRAINING_RUN_FAILED: ev.TrainingRunFailed,
+    TRAINING_RUN_CANCELLED: ev.TrainingRunCancelled,
+    TRAINING_RUN_CANCEL_REQUESTED: ev.TrainingRunCancelRequested,
+    MODEL_REGISTRATION_REQUESTED: ev.ModelRegistrationRequested,
+    MODEL_REGISTRATION_SUCCEEDED: ev.ModelRegistrationSucceeded,
+    MODEL_REGISTRATION_FAILED: ev.ModelRegistrationFailed,
+    JOB_SUCCEEDED: ev.JobSucceeded,
+    JOB_FAILED: ev.JobFailed,
+    JOB_CANCELLED: ev.JobCancelled,
+}
+
+WORK_SUBJECTS = (TRAINING_RUN_REQUESTED,)
+EVENT_SUBJECTS = tuple(s for s in MESSAGE_TYPES if s not in WORK_SUBJECTS)

@@ -1,0 +1,127 @@
+"""Workspaces as every service sees them: a local copy kept from ``workspace.updated`` events.
+
+The job-scheduler creates workspaces and API keys and publishes each change; every service stores
+what authentication and plan checks need in its own database (API keys only as SHA-256 hashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+
+from sqlalchemy import ForeignKey, Integer, String, delete, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tuneforge.api.common.v1 import common_pb2
+from tuneforge.api.events.v1 import events_pb2 as ev
+from tuneforge.core.db import Database
+
+API_KEY_PREFIX = "tfk_"
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class DirectoryBase(DeclarativeBase):
+    pass
+
+
+class WorkspaceRow(DirectoryBase):
+    __tablename__ = "workspaces"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    plan: Mapped[int] = mapped_column(Integer)
+    owner_email: Mapped[str] = mapped_column(String(320))
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ApiKeyRow(DirectoryBase):
+    __tablename__ = "api_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), index=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    id: str
+    name: str
+    plan: int  # common_pb2.Plan value
+    owner_email: str
+
+    @property
+    def plan_name(self) -> str:
+        return common_pb2.Plan.Name(self.plan).removeprefix("PLAN_").lower()
+
+    @property
+    def can_train(self) -> bool:
+        return self.plan == common_pb2.PLAN_ENTERPRISE
+
+
+class WorkspaceDirectory:
+    def __init__(self, db: Database):
+        self.db = db
+        self._by_key: dict[str, Workspace] = {}
+
+    async def apply(self, update: ev.WorkspaceUpdated) -> bool:
+        """Store a workspace update unless a newer revision is already stored. Idempotent."""
+        async with self.db.session() as session, session.begin():
+            row = await session.get(WorkspaceRow, update.workspace_id)
+            if row is not None and row.revision >= update.revision:
+                return False
+            if row is None:
+                row = WorkspaceRow(id=update.workspace_id)
+                session.add(row)
+            row.name = update.name
+            row.plan = int(update.plan)
+            row.owner_email = update.owner_email
+            row.revision = update.revision
+            await session.flush()
+            await session.execute(delete(ApiKeyRow).where(ApiKeyRow.workspace_id == update.workspace_id))
+            for key_hash in dict.fromkeys(update.api_key_hashes):
+                session.add(ApiKeyRow(key_hash=key_hash, workspace_id=update.workspace_id))
+        self._by_key = {h: w for h, w in self._by_key.items() if w.id != update.workspace_id}
+        return True
+
+    async def authenticate(self, api_key: str) -> Workspace | None:
+        if not api_key.startswith(API_KEY_PREFIX):
+            return None
+        key_hash = hash_api_key(api_key)
+        cached = self._by_key.get(key_hash)
+        if cached:
+            return cached
+        async with self.db.session() as session:
+            row = (
+                await session.execute(
+                    select(WorkspaceRow).join(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash)
+                )
+            ).scalar_one_or_none()
+        if row is None:
+            return None
+        ws = _to_workspace(row)
+        self._by_key[key_hash] = ws
+        return ws
+
+    async def get(self, workspace_id: str) -> Workspace | None:
+        async with self.db.session() as session:
+            row = await session.get(WorkspaceRow, workspace_id)
+        return _to_workspace(row) if row else None
+
+    async def key_hashes(self, workspace_id: str) -> list[str]:
+        async with self.db.session() as session:
+            rows = await session.execute(select(ApiKeyRow.key_hash).where(ApiKeyRow.workspace_id == workspace_id))
+            return [r for (r,) in rows]
+
+    async def revision(self, workspace_id: str) -> int:
+        async with self.db.session() as session:
+            row = await session.get(WorkspaceRow, workspace_id)
+            return row.revision if row else 0
+
+
+def _to_workspace(row: WorkspaceRow) -> Workspace:
+    return Workspace(id=row.id, name=row.name, plan=row.plan, owner_email=row.owner_email)

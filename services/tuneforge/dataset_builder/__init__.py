@@ -1,0 +1,1 @@
+"""dataset-builder: training examples per workspace (with topics) and immutable dataset snapshots."""

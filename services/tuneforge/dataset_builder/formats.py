@@ -1,0 +1,276 @@
+"""Example formats, their validation and their canonical form.
+
+Every error names the 1-based line, the field path, a stable code and a sentence a user can act
+on. Nothing is stored before validation; a bad line never takes the good ones with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+FORMAT_CONVERSATION = "conversation"
+FORMAT_INSTRUCTION = "instruction"
+FORMAT_TEXT = "text"
+FORMAT_PREFERENCE = "preference"
+
+KIND_OF_FORMAT = {
+    FORMAT_CONVERSATION: "conversations",
+    FORMAT_INSTRUCTION: "conversations",
+    FORMAT_TEXT: "conversations",
+    FORMAT_PREFERENCE: "preferences",
+}
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_LINE_BYTES = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class LineError:
+    line: int
+    field: str
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedExample:
+    line: int
+    format: str
+    body: dict[str, Any]  # canonical example without topics
+    topics: tuple[str, ...]
+    content_hash: str
+    canonical_json: str
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(key)
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def canonical(body: dict[str, Any]) -> str:
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+def detect_format(obj: dict[str, Any]) -> str | None:
+    if "messages" in obj:
+        return FORMAT_CONVERSATION
+    if "preferred_output" in obj or "non_preferred_output" in obj or "chosen" in obj or "rejected" in obj:
+        return FORMAT_PREFERENCE
+    if "prompt" in obj and "completion" in obj:
+        return FORMAT_INSTRUCTION
+    if "text" in obj:
+        return FORMAT_TEXT
+    return None
+
+
+class _Errors(list):
+    def add(self, line: int, field: str, code: str, message: str) -> None:
+        self.append(LineError(line, field, code, message))
+
+
+def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Errors, *, need_assistant: bool) -> None:
+    if not isinstance(messages, list) or not messages:
+        errors.add(line, path, "messages_not_list", "messages must be a non-empty list of message objects")
+        return
+    tool_names: set[str] = set()
+    if tools is not None:
+        if not isinstance(tools, list):
+            errors.add(line, "tools", "tools_not_list", "tools must be a list of function definitions")
+        else:
+            for i, tool in enumerate(tools):
+                fn = tool.get("function") if isinstance(tool, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    errors.add(line, f"tools[{i}].function.name", "tool_without_name",
+                               'each tool needs {"type": "function", "function": {"name": ...}}')
+                else:
+                    tool_names.add(fn["name"])
+    open_calls: set[str] = set()
+    has_assistant = False
+    for i, msg in enumerate(messages):
+        mpath = f"{path}[{i}]"
+        if not isinstance(msg, dict):
+            errors.add(line, mpath, "message_not_object", "each message must be a JSON object")
+            continue
+        role = msg.get("role")
+        if role not in ROLES:
+            errors.add(line, f"{mpath}.role", "unknown_role",
+                       f"role {role!r} is not one of {', '.join(ROLES)}")
+            continue
+        if "weight" in msg and (msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool)):
+            errors.add(line, f"{mpath}.weight", "invalid_weight", "weight must be 0 or 1")
+        if "weight" in msg and role != "assistant":
+            errors.add(line, f"{mpath}.weight", "weight_on_non_assistant", "weight applies to assistant messages only")
+        content = msg.get("content")
+        tool_calls = msg.get("tool_calls")
+        if role == "assistant":
+            has_assistant = True
+            if tool_calls is not None:
+                if not isinstance(tool_calls, list) or not tool_calls:
+                    errors.add(line, f"{mpath}.tool_calls", "tool_calls_not_list", "tool_calls must be a non-empty list")
+                    tool_calls = []
+                for j, call in enumerate(tool_calls):
+                    cpath = f"{mpath}.tool_calls[{j}]"
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if not isinstance(fn, dict):
+                        errors.add(line, f"{cpath}.function", "tool_call_invalid",
+                                   'a tool call is {"id", "type": "function", "function": {"name", "arguments"}}')
+                        continue
+                    name = fn.get("name")
+                    if not tool_names or name not in tool_names:
+                        errors.add(line, f"{cpath}.function.name", "unknown_tool",
+                                   f"tool call names {name!r}, which is not declared in tools")
+                    args = fn.get("arguments")
+                    if isinstance(args, str):
+                        try:
+                            parsed = json.loads(args)
+                        except ValueError:
+                            errors.add(line, f"{cpath}.function.arguments", "invalid_tool_arguments",
+                                       "arguments must be valid JSON (an object)")
+                            parsed = None
+                        if parsed is not None and not isinstance(parsed, dict):
+                            errors.add(line, f"{cpath}.function.arguments", "invalid_tool_arguments",
+                                       "arguments must be a JSON object")
+                    elif not isinstance(args, dict):
+                        errors.add(line, f"{cpath}.function.arguments", "invalid_tool_arguments",
+                                   "arguments must be a JSON object")
+                    call_id = call.get("id")
+                    if isinstance(call_id, str) and call_id:
+                        open_calls.add(call_id)
+                if content is not None and not isinstance(content, str):
+                    errors.add(line, f"{mpath}.content", "content_not_string", "content must be a string")
+                continue
+            if "reasoning" in msg and not isinstance(msg["reasoning"], str):
+                errors.add(line, f"{mpath}.reasoning", "content_not_string", "reasoning must be a string")
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if call_id not in open_calls:
+                errors.add(line, f"{mpath}.tool_call_id", "orphan_tool_message",
+                           f"tool message answers {call_id!r}, which no earlier assistant tool call made")
+        if not isinstance(content, str):
+            errors.add(line, f"{mpath}.content", "content_not_string", "content must be a string")
+        elif not content.strip():
+            errors.add(line, f"{mpath}.content", "empty_content", "content is empty")
+    if need_assistant and not has_assistant:
+        errors.add(line, path, "no_assistant_turn", "there is no assistant message to learn from")
+
+
+def _check_string(obj: dict, key: str, line: int, errors: _Errors, path: str | None = None) -> None:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        errors.add(line, path or key, "content_not_string", f"{key} must be a string")
+    elif not value.strip():
+        errors.add(line, path or key, "empty_content", f"{key} is empty")
+
+
+def _check_output(value: Any, line: int, path: str, errors: _Errors) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            errors.add(line, path, "empty_content", f"{path} is empty")
+    elif isinstance(value, list):
+        _check_messages(value, None, line, path, errors, need_assistant=True)
+    else:
+        errors.add(line, path, "content_not_string", f"{path} must be a string or a list of assistant messages")
+
+
+def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tuple[ParsedExample | None, list[LineError]]:
+    """Validate one JSONL line. Returns the example or the errors (never both)."""
+    errors = _Errors()
+    if len(raw) > MAX_LINE_BYTES:
+        errors.add(line, "", "line_too_long", f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+        return None, errors
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        errors.add(line, "", "not_utf8", f"line is not valid UTF-8 (byte {exc.start}); save the file as UTF-8")
+        return None, errors
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        errors.add(line, exc.key, "duplicate_key", f"key {exc.key!r} appears twice in one object")
+        return None, errors
+    except ValueError as exc:
+        errors.add(line, "", "invalid_json", f"not valid JSON: {exc}")
+        return None, errors
+    if not isinstance(obj, dict):
+        errors.add(line, "", "not_object", "each line must be one JSON object")
+        return None, errors
+    topics_raw = obj.pop("topics", [])
+    if not isinstance(topics_raw, list) or not all(isinstance(t, str) and t.strip() for t in topics_raw):
+        errors.add(line, "topics", "invalid_topics", "topics must be a list of non-empty strings")
+        topics_raw = []
+    fmt = detect_format(obj)
+    if fmt is None:
+        errors.add(line, "", "unknown_format",
+                   'unknown format: expected "messages", "prompt"+"completion", "text", or a preference pair')
+        return None, errors
+    if fmt == FORMAT_CONVERSATION:
+        _check_messages(obj.get("messages"), obj.get("tools"), line, "messages", errors, need_assistant=True)
+        body = {"messages": obj["messages"]}
+        if obj.get("tools"):
+            body["tools"] = obj["tools"]
+    elif fmt == FORMAT_INSTRUCTION:
+        _check_string(obj, "prompt", line, errors)
+        _check_string(obj, "completion", line, errors)
+        body = {"prompt": obj.get("prompt"), "completion": obj.get("completion")}
+    elif fmt == FORMAT_TEXT:
+        _check_string(obj, "text", line, errors)
+        body = {"text": obj.get("text")}
+    else:
+        if "input" in obj or "preferred_output" in obj:
+            inp = obj.get("input")
+            if not isinstance(inp, dict):
+                errors.add(line, "input", "invalid_preference", 'input must be {"messages": [...]}')
+                return None, errors
+            _check_messages(inp.get("messages"), inp.get("tools"), line, "input.messages", errors, need_assistant=False)
+            chosen, rejected = obj.get("preferred_output"), obj.get("non_preferred_output")
+            _check_output(chosen, line, "preferred_output", errors)
+            _check_output(rejected, line, "non_preferred_output", errors)
+            body = {"input": inp, "preferred_output": chosen, "non_preferred_output": rejected}
+        else:
+            chosen, rejected = obj.get("chosen"), obj.get("rejected")
+            prompt = obj.get("prompt")
+            if isinstance(prompt, list):
+                _check_messages(prompt, None, line, "prompt", errors, need_assistant=False)
+            elif prompt is not None and not isinstance(prompt, str):
+                errors.add(line, "prompt", "content_not_string", "prompt must be a string or messages")
+            _check_output(chosen, line, "chosen", errors)
+            _check_output(rejected, line, "rejected", errors)
+            body = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if not errors and canonical({"x": chosen}) == canonical({"x": rejected}):
+            errors.add(line, "preferred_output" if "preferred_output" in body else "chosen",
+                       "identical_preference", "the preferred and non-preferred outputs are identical")
+    if errors:
+        return None, errors
+    topics = tuple(sorted({t.strip() for t in (*topics_raw, *extra_topics)}))
+    text = canonical(body)
+    return ParsedExample(line=line, format=fmt, body=body, topics=topics,
+                         content_hash=hashlib.sha256(text.encode()).hexdigest(), canonical_json=text), []
+
+
+def to_universal(fmt: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The universal (OpenAI chat) form of a stored example, as written to train/test JSONL."""
+    if fmt == FORMAT_CONVERSATION:
+        return body
+    if fmt == FORMAT_INSTRUCTION:
+        return {"messages": [{"role": "user", "content": body["prompt"]},
+                             {"role": "assistant", "content": body["completion"]}]}
+    if fmt == FORMAT_TEXT:
+        return {"text": body["text"]}
+    return body

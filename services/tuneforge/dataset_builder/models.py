@@ -1,0 +1,46 @@
+"""The dataset-builder's own tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tuneforge.core.db import UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ExampleRow(Base):
+    __tablename__ = "examples"
+    __table_args__ = (UniqueConstraint("workspace_id", "content_hash", name="uq_example_hash"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(Text)  # canonical JSON
+    source_name: Mapped[str] = mapped_column(String(256), default="")
+    source_line: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExampleTopicRow(Base):
+    __tablename__ = "example_topics"
+
+    example_id: Mapped[str] = mapped_column(ForeignKey("examples.id", ondelete="CASCADE"), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+    summary: Mapped[bytes] = mapped_column(LargeBinary)  # common.v1.DatasetSummary
+    files: Mapped[str] = mapped_column(Text)  # JSON list of {path, size_bytes, sha256}
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,375 @@
+"""dataset-builder: imports and validates examples, builds dataset snapshots, serves downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import delete, func, select
+
+from tuneforge.api.common.v1 import common_pb2
+from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as pb
+from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2_grpc as pb_grpc
+from tuneforge.api.events.v1 import events_pb2 as ev
+from tuneforge.core import subjects
+from tuneforge.core.errors import ServiceError, bad_request, not_found
+from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.service import BaseService
+from tuneforge.core.storage import ArtifactStore
+from tuneforge.dataset_builder import builder, formats
+from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow
+from tuneforge.plugins import get_registry
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DatasetBuilderService"].full_name
+MAX_REPORTED_ERRORS = 1000
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+def _ts(value) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+class DatasetBuilder(BaseService):
+    name = "dataset-builder"
+    tables = (Base,)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.store = ArtifactStore(settings.resolved_artifact_url())
+        self._build_lock = asyncio.Lock()
+
+    def grpc_services(self):
+        return [(pb_grpc.add_DatasetBuilderServiceServicer_to_server, DatasetBuilderServicer(self), SERVICE_NAME)]
+
+    async def on_start(self) -> None:
+        await self.bus.consume("dataset-builder", [subjects.DATASET_BUILD_REQUESTED], self.on_build_requested)
+
+    async def on_build_requested(self, _subject, event: ev.DatasetBuildRequested, _msg) -> None:
+        meta = event.meta
+        try:
+            summary, _files = await self.build(
+                meta.workspace_id, list(event.topics), event.method, event.dataset_kind,
+                event.base_model, event.test_fraction, event.seed,
+            )
+        except ServiceError as exc:
+            failed = ev.DatasetBuildFailed(
+                meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                reason=exc.message,
+                failure_kind=common_pb2.FAILURE_KIND_USER,
+            )
+            await self._emit(subjects.DATASET_BUILD_FAILED, failed)
+            return
+        await self._emit(
+            subjects.DATASET_BUILD_SUCCEEDED,
+            ev.DatasetBuildSucceeded(meta=self.bus.meta(meta.workspace_id, meta.job_id), dataset=summary),
+        )
+
+    async def _emit(self, subject, message) -> None:
+        async with self.db.session() as session, session.begin():
+            self.outbox.add(session, subject, message)
+        self.outbox.notify()
+
+    async def load_examples(self, workspace_id: str) -> list[builder.StoredExample]:
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(ExampleRow.id, ExampleRow.content_hash, ExampleRow.format, ExampleRow.body)
+                    .where(ExampleRow.workspace_id == workspace_id)
+                )
+            ).all()
+            topic_rows = (
+                await session.execute(
+                    select(ExampleTopicRow.example_id, ExampleTopicRow.topic)
+                    .where(ExampleTopicRow.workspace_id == workspace_id)
+                )
+            ).all()
+        topics: dict[str, list[str]] = {}
+        for example_id, topic in topic_rows:
+            topics.setdefault(example_id, []).append(topic)
+        return [
+            builder.StoredExample(h, fmt, json.loads(body), tuple(sorted(topics.get(i, ()))))
+            for i, h, fmt, body in rows
+        ]
+
+    async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed):
+        violations = []
+        registry = get_registry()
+        if method not in registry.methods:
+            violations.append(("method", f"unknown method {method!r}"))
+        elif not kind:
+            kind = registry.methods[method].dataset_kind
+        if base_model not in registry.base_models:
+            violations.append(("base_model", f"unknown base model {base_model!r}"))
+        if not 0 < test_fraction <= 0.5:
+            violations.append(("test_fraction", "must be in (0, 0.5]"))
+        if violations:
+            raise bad_request("invalid dataset request", violations)
+        examples = await self.load_examples(workspace_id)
+        snap = builder.build_snapshot(
+            examples, topics=topics, kind=kind, test_fraction=test_fraction, seed=seed,
+            base_model=base_model, method=method,
+        )
+        if not snap.train:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no {kind} examples match the topics {', '.join(topics) or '(all)'}: "
+                f"{len(examples)} examples in the workspace, {snap.filtered_count} after the topic filter",
+            )
+        summary = common_pb2.DatasetSummary(
+            dataset_id=snap.dataset_id,
+            content_hash=snap.content_hash,
+            train_count=len(snap.train),
+            test_count=len(snap.test),
+            topic_counts=snap.topic_counts,
+            warnings=snap.warnings,
+            filtered_count=snap.filtered_count,
+            kind=kind,
+            artifact_path=self.prefix(workspace_id, snap.dataset_id),
+        )
+        async with self._build_lock:
+            async with self.db.session() as session:
+                existing = await session.get(DatasetRow, snap.dataset_id)
+            if existing is not None and existing.workspace_id == workspace_id:
+                return common_pb2.DatasetSummary.FromString(existing.summary), json.loads(existing.files)
+            files = await asyncio.to_thread(self._write, workspace_id, snap)
+            async with self.db.session() as session, session.begin():
+                session.add(
+                    DatasetRow(
+                        id=snap.dataset_id,
+                        workspace_id=workspace_id,
+                        summary=summary.SerializeToString(),
+                        files=json.dumps(files),
+                    )
+                )
+        return summary, files
+
+    def prefix(self, workspace_id: str, dataset_id: str) -> str:
+        return f"datasets/{workspace_id}/{dataset_id}"
+
+    def _write(self, workspace_id: str, snap: builder.Snapshot) -> list[dict]:
+        prefix = self.prefix(workspace_id, snap.dataset_id)
+        contents = {
+            "train.jsonl": builder.jsonl(snap.train),
+            "test.jsonl": builder.jsonl(snap.test),
+            "manifest.json": json.dumps(snap.manifest, indent=2).encode(),
+        }
+        files = []
+        for name, data in contents.items():
+            key = f"{prefix}/{name}"
+            self.store.put_bytes(key, data)
+            import hashlib
+
+            files.append({"path": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        return files
+
+
+class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
+    def __init__(self, app: DatasetBuilder):
+        self.app = app
+
+    async def ImportExamples(self, request_iterator, context):
+        workspace = current_workspace()
+        options = pb.ImportOptions()
+        parsed: list[formats.ParsedExample] = []
+        errors: list[formats.LineError] = []
+        buffer = b""
+        line_no = 0
+        lines_read = 0
+        first = True
+
+        def take(raw: bytes) -> None:
+            nonlocal lines_read
+            if not raw.strip():
+                return
+            lines_read += 1
+            example, errs = formats.parse_line(raw.rstrip(b"\r"), line_no, tuple(options.topics))
+            if example is not None:
+                parsed.append(example)
+            errors.extend(errs)
+
+        async for request in request_iterator:
+            if first:
+                options = request.options
+                first = False
+                bad = [t for t in options.topics if not t.strip() or len(t) > 100]
+                if bad:
+                    raise bad_request("invalid topics", [("options.topics", "a topic is 1-100 characters")])
+            buffer += request.chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line_no += 1
+                take(raw)
+        if buffer:
+            line_no += 1
+            take(buffer)
+        # Several errors on one line count once as a rejected line.
+        rejected_lines = {e.line for e in errors}
+        formats_seen = {p.format for p in parsed}
+        if len({formats.KIND_OF_FORMAT[f] for f in formats_seen}) > 1:
+            errors.append(formats.LineError(0, "", "mixed_formats",
+                                            "the file mixes conversations and preference pairs; import them separately"))
+        response = pb.ImportExamplesResponse(lines_read=lines_read, rejected=len(rejected_lines),
+                                             error_count=len(errors))
+        for e in errors[:MAX_REPORTED_ERRORS]:
+            response.errors.add(line=e.line, field=e.field, code=e.code, message=e.message)
+        all_or_nothing = options.mode == pb.IMPORT_MODE_ALL_OR_NOTHING
+        if errors and (all_or_nothing or any(e.code == "mixed_formats" for e in errors)):
+            return response
+        imported = duplicates = 0
+        async with self.app.db.session() as session, session.begin():
+            hashes = [p.content_hash for p in parsed]
+            existing: dict[str, str] = {}
+            for i in range(0, len(hashes), 500):
+                rows = await session.execute(
+                    select(ExampleRow.content_hash, ExampleRow.id).where(
+                        ExampleRow.workspace_id == workspace.id, ExampleRow.content_hash.in_(hashes[i:i + 500])
+                    )
+                )
+                existing.update(dict(rows.all()))
+            known_topics: set[tuple[str, str]] = set()
+            if existing:
+                rows = await session.execute(
+                    select(ExampleTopicRow.example_id, ExampleTopicRow.topic).where(
+                        ExampleTopicRow.example_id.in_(list(existing.values()))
+                    )
+                )
+                known_topics = set(rows.all())
+            for p in parsed:
+                example_id = existing.get(p.content_hash)
+                if example_id is None:
+                    example_id = "ex_" + uuid.uuid4().hex[:20]
+                    existing[p.content_hash] = example_id
+                    session.add(ExampleRow(
+                        id=example_id, workspace_id=workspace.id, content_hash=p.content_hash, format=p.format,
+                        body=p.canonical_json, source_name=options.source_name[:256], source_line=p.line,
+                    ))
+                    imported += 1
+                else:
+                    duplicates += 1
+                for topic in p.topics:
+                    if (example_id, topic) not in known_topics:
+                        known_topics.add((example_id, topic))
+                        session.add(ExampleTopicRow(example_id=example_id, topic=topic, workspace_id=workspace.id))
+        response.imported = imported
+        response.duplicates = duplicates
+        return response
+
+    async def ListTopics(self, request, context):
+        workspace = current_workspace()
+        async with self.app.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(ExampleTopicRow.topic, ExampleRow.format, func.count())
+                    .join(ExampleRow, ExampleRow.id == ExampleTopicRow.example_id)
+                    .where(ExampleTopicRow.workspace_id == workspace.id)
+                    .group_by(ExampleTopicRow.topic, ExampleRow.format)
+                )
+            ).all()
+            total = (
+                await session.execute(select(func.count()).select_from(ExampleRow).where(ExampleRow.workspace_id == workspace.id))
+            ).scalar()
+        topics: dict[str, pb.TopicCount] = {}
+        for topic, fmt, count in rows:
+            tc = topics.setdefault(topic, pb.TopicCount(topic=topic))
+            tc.example_count += count
+            tc.format_counts[fmt] = count
+        return pb.ListTopicsResponse(topics=[topics[t] for t in sorted(topics)], total_examples=total or 0)
+
+    async def ListExamples(self, request, context):
+        workspace = current_workspace()
+        size = min(max(request.page_size or 100, 1), 1000)
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        async with self.app.db.session() as session:
+            query = select(ExampleRow).where(ExampleRow.workspace_id == workspace.id)
+            if request.topic:
+                query = query.join(ExampleTopicRow, ExampleTopicRow.example_id == ExampleRow.id).where(
+                    ExampleTopicRow.topic == request.topic
+                )
+            rows = (await session.execute(query.order_by(ExampleRow.created_at, ExampleRow.id).offset(offset).limit(size + 1))).scalars().all()
+            ids = [r.id for r in rows[:size]]
+            topic_rows = (
+                await session.execute(select(ExampleTopicRow.example_id, ExampleTopicRow.topic).where(ExampleTopicRow.example_id.in_(ids)))
+            ).all() if ids else []
+        topics: dict[str, list[str]] = {}
+        for example_id, topic in topic_rows:
+            topics.setdefault(example_id, []).append(topic)
+        return pb.ListExamplesResponse(
+            examples=[
+                pb.Example(
+                    example_id=r.id, content_hash=r.content_hash, format=r.format,
+                    topics=sorted(topics.get(r.id, [])), json=r.body, source_name=r.source_name,
+                    source_line=r.source_line, created_at=_ts(r.created_at),
+                )
+                for r in rows[:size]
+            ],
+            next_page_token=str(offset + size) if len(rows) > size else "",
+        )
+
+    async def DeleteExamples(self, request, context):
+        workspace = current_workspace()
+        if not request.example_ids and not request.topics:
+            raise bad_request("nothing to delete", [("example_ids", "give example ids or topics")])
+        async with self.app.db.session() as session, session.begin():
+            ids = set(request.example_ids)
+            if request.topics:
+                rows = await session.execute(
+                    select(ExampleTopicRow.example_id).where(
+                        ExampleTopicRow.workspace_id == workspace.id, ExampleTopicRow.topic.in_(list(request.topics))
+                    )
+                )
+                ids.update(r for (r,) in rows)
+            if not ids:
+                return pb.DeleteExamplesResponse(deleted=0)
+            owned = [r for (r,) in await session.execute(
+                select(ExampleRow.id).where(ExampleRow.workspace_id == workspace.id, ExampleRow.id.in_(list(ids)))
+            )]
+            await session.execute(delete(ExampleTopicRow).where(ExampleTopicRow.example_id.in_(owned)))
+            await session.execute(delete(ExampleRow).where(ExampleRow.id.in_(owned)))
+        return pb.DeleteExamplesResponse(deleted=len(owned))
+
+    async def BuildDataset(self, request, context):
+        workspace = current_workspace()
+        summary, files = await self.app.build(
+            workspace.id, list(request.topics), request.method or "sft", "", request.base_model,
+            request.test_fraction or 0.1, request.seed,
+        )
+        return pb.BuildDatasetResponse(dataset=summary, files=[common_pb2.ArtifactFile(**f) for f in files])
+
+    async def _dataset(self, dataset_id: str) -> DatasetRow:
+        workspace = current_workspace()
+        async with self.app.db.session() as session:
+            row = await session.get(DatasetRow, dataset_id) if dataset_id else None
+        if row is None or row.workspace_id != workspace.id:
+            raise not_found(f"dataset {dataset_id!r}")
+        return row
+
+    async def GetDataset(self, request, context):
+        row = await self._dataset(request.dataset_id)
+        return pb.GetDatasetResponse(
+            dataset=common_pb2.DatasetSummary.FromString(row.summary),
+            files=[common_pb2.ArtifactFile(**f) for f in json.loads(row.files)],
+            created_at=_ts(row.created_at),
+        )
+
+    async def DownloadDataset(self, request, context):
+        row = await self._dataset(request.dataset_id)
+        prefix = self.app.prefix(row.workspace_id, row.id)
+        for f in json.loads(row.files):
+            key = f"{prefix}/{f['path']}"
+            data = await asyncio.to_thread(self.app.store.get_bytes, key)
+            if not data:
+                yield pb.DownloadDatasetResponse(chunk=common_pb2.FileChunk(path=f["path"], offset=0, data=b"", eof=True))
+                continue
+            for offset in range(0, len(data), DOWNLOAD_CHUNK):
+                block = data[offset:offset + DOWNLOAD_CHUNK]
+                yield pb.DownloadDatasetResponse(
+                    chunk=common_pb2.FileChunk(path=f["path"], offset=offset, data=block,
+                                               eof=offset + len(block) >= len(data))
+                )

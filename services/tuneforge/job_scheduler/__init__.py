@@ -1,0 +1,1 @@
+"""job-scheduler: jobs, their state machine and event history; workspaces and API keys."""

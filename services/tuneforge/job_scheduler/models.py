@@ -1,0 +1,81 @@
+"""The job-scheduler's own tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tuneforge.core.db import UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("workspace_id", "request_id", name="uq_jobs_request"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)  # JobSpec
+    resolved_hyperparameters: Mapped[bytes] = mapped_column(LargeBinary)  # Hyperparameters
+    state: Mapped[int] = mapped_column(Integer, index=True)
+    failure_reason: Mapped[str] = mapped_column(Text, default="")
+    failure_kind: Mapped[int] = mapped_column(Integer, default=0)
+    dataset_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    dataset: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # DatasetSummary
+    progress: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # TrainingProgress
+    metrics: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # TrainingMetrics
+    adapter_path: Mapped[str] = mapped_column(String(512), default="")
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    model_id: Mapped[str] = mapped_column(String(64), default="")
+    notify_email: Mapped[str] = mapped_column(String(320))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "sequence", name="uq_job_events_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    time: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text, default="")
+    progress: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_checkpoint_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    artifact_path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkspaceSecretRow(Base):
+    """Authoritative workspace records (the directory tables hold the replicated view)."""
+
+    __tablename__ = "workspace_sources"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    plan: Mapped[int] = mapped_column(Integer)
+    owner_email: Mapped[str] = mapped_column(String(320))
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    api_key_hashes: Mapped[str] = mapped_column(Text, default="")  # comma-separated
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,673 @@
+"""job-scheduler: validates and persists jobs, drives their state machine from events, streams
+their history, and owns workspaces and API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections import defaultdict
+
+import grpc
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tuneforge.api.common.v1 import common_pb2
+from tuneforge.api.events.v1 import events_pb2 as ev
+from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
+from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as pb_grpc
+from tuneforge.core import hyperparameters as hp
+from tuneforge.core import subjects
+from tuneforge.core.db import utcnow
+from tuneforge.core.errors import ServiceError, bad_request, not_found
+from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.service import BaseService
+from tuneforge.core.workspaces import hash_api_key, new_api_key
+from tuneforge.job_scheduler import state_machine as sm
+from tuneforge.job_scheduler.models import Base, CheckpointRow, JobEventRow, JobRow, WorkspaceSecretRow
+from tuneforge.plugins import get_registry
+
+log = logging.getLogger(__name__)
+S = pb.JobState
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobSchedulerService"].full_name
+
+
+def _ts(value):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+class JobScheduler(BaseService):
+    name = "job-scheduler"
+    tables = (Base,)
+    admin_methods = (f"/{SERVICE_NAME}/CreateWorkspace",)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._changed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def grpc_services(self):
+        return [(pb_grpc.add_JobSchedulerServiceServicer_to_server, JobSchedulerServicer(self), SERVICE_NAME)]
+
+    async def on_start(self) -> None:
+        handlers = {
+            subjects.DATASET_BUILD_SUCCEEDED: self.on_dataset_built,
+            subjects.DATASET_BUILD_FAILED: self.on_dataset_failed,
+            subjects.TRAINING_RUN_STARTED: self.on_training_started,
+            subjects.TRAINING_RUN_PROGRESS: self.on_training_progress,
+            subjects.TRAINING_RUN_CHECKPOINT: self.on_training_checkpoint,
+            subjects.TRAINING_RUN_SUCCEEDED: self.on_training_succeeded,
+            subjects.TRAINING_RUN_FAILED: self.on_training_failed,
+            subjects.TRAINING_RUN_CANCELLED: self.on_training_cancelled,
+            subjects.MODEL_REGISTRATION_SUCCEEDED: self.on_model_registered,
+            subjects.MODEL_REGISTRATION_FAILED: self.on_registration_failed,
+        }
+
+        async def dispatch(subject, message, _msg):
+            await handlers[subject](message)
+
+        await self.bus.consume("job-scheduler", list(handlers), dispatch)
+
+    # -- helpers ---------------------------------------------------------------------------
+    async def _job_for_update(self, session: AsyncSession, meta: ev.EventMeta) -> JobRow | None:
+        job = await session.get(JobRow, meta.job_id)
+        if job is None or job.workspace_id != meta.workspace_id:
+            log.warning("event %s for unknown job %s", meta.event_id, meta.job_id)
+            return None
+        return job
+
+    async def _add_event(self, session: AsyncSession, job: JobRow, kind: str, message: str, progress=None) -> None:
+        last = (
+            await session.execute(select(func.max(JobEventRow.sequence)).where(JobEventRow.job_id == job.id))
+        ).scalar()
+        session.add(
+            JobEventRow(
+                job_id=job.id,
+                sequence=(last or 0) + 1,
+                kind=kind,
+                state=job.state,
+                message=message,
+                progress=progress.SerializeToString() if progress is not None else None,
+            )
+        )
+        job.updated_at = utcnow()
+
+    async def _transition(self, session: AsyncSession, job: JobRow, new_state: int, message: str = "") -> bool:
+        """Move the job to ``new_state`` if the state machine allows it; False when it does not
+        (a redelivered or stale event)."""
+        if job.state == new_state or not sm.can_transition(job.state, new_state):
+            return False
+        old = job.state
+        job.state = new_state
+        await self._add_event(
+            session, job, "state_changed", message or f"{sm.name(old)} -> {sm.name(new_state)}"
+        )
+        return True
+
+    def _changed_now(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+        self.outbox.notify()
+
+    def _spec(self, job: JobRow) -> pb.JobSpec:
+        return pb.JobSpec.FromString(job.spec)
+
+    def _dataset(self, job: JobRow) -> common_pb2.DatasetSummary:
+        return common_pb2.DatasetSummary.FromString(job.dataset) if job.dataset else common_pb2.DatasetSummary()
+
+    def _fail(self, session: AsyncSession, job: JobRow, reason: str, kind: int):
+        job.failure_reason = reason
+        job.failure_kind = kind
+        self.outbox.add(
+            session,
+            subjects.JOB_FAILED,
+            ev.JobFailed(
+                meta=self.bus.meta(job.workspace_id, job.id),
+                job_name=job.name,
+                owner_email=job.notify_email,
+                reason=reason,
+                failure_kind=kind,
+            ),
+        )
+
+    def _succeed(self, session: AsyncSession, job: JobRow) -> None:
+        spec = self._spec(job)
+        msg = ev.JobSucceeded(
+            meta=self.bus.meta(job.workspace_id, job.id),
+            job_name=job.name,
+            owner_email=job.notify_email,
+            dataset_only=job.dataset_only,
+            dataset=self._dataset(job),
+            model_name=job.model_name,
+            model_id=job.model_id,
+            base_model=spec.base_model,
+            method=spec.method,
+        )
+        if job.metrics:
+            msg.metrics.CopyFrom(common_pb2.TrainingMetrics.FromString(job.metrics))
+        self.outbox.add(session, subjects.JOB_SUCCEEDED, msg)
+
+    # -- event handlers (idempotent: the state machine rejects repeats) --------------------
+    async def on_dataset_built(self, event: ev.DatasetBuildSucceeded) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or job.state != S.JOB_STATE_BUILDING_DATASET:
+                return
+            job.dataset = event.dataset.SerializeToString()
+            d = event.dataset
+            await self._add_event(
+                session, job, "dataset_built",
+                f"dataset {d.dataset_id}: {d.train_count} train / {d.test_count} test examples",
+            )
+            resolved = common_pb2.Hyperparameters.FromString(job.resolved_hyperparameters)
+            total = d.train_count + d.test_count
+            if job.dataset_only:
+                await self._transition(session, job, S.JOB_STATE_SUCCEEDED, "dataset ready for download")
+                self._succeed(session, job)
+            elif total < resolved.min_examples:
+                reason = (
+                    f"training needs at least {resolved.min_examples} examples (min_examples); "
+                    f"the topic filter matched {d.filtered_count}, {total} remained after removing "
+                    f"duplicates ({d.train_count} train / {d.test_count} test). Add data or lower min_examples."
+                )
+                self._fail(session, job, reason, common_pb2.FAILURE_KIND_USER)
+                await self._transition(session, job, S.JOB_STATE_FAILED, reason)
+            else:
+                spec = self._spec(job)
+                await self._transition(session, job, S.JOB_STATE_QUEUED, "waiting for a trainer")
+                self.outbox.add(
+                    session,
+                    subjects.TRAINING_RUN_REQUESTED,
+                    ev.TrainingRunRequested(
+                        meta=self.bus.meta(job.workspace_id, job.id),
+                        base_model=spec.base_model,
+                        method=spec.method,
+                        method_options_json=spec.method_options_json or "{}",
+                        hyperparameters=resolved,
+                        dataset=d,
+                    ),
+                )
+        self._changed_now(event.meta.job_id)
+
+    async def on_dataset_failed(self, event: ev.DatasetBuildFailed) -> None:
+        await self._fail_job(event.meta, event.reason, event.failure_kind)
+
+    async def _fail_job(self, meta: ev.EventMeta, reason: str, kind: int) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, meta)
+            if job is None or not sm.can_transition(job.state, S.JOB_STATE_FAILED):
+                return
+            self._fail(session, job, reason, kind)
+            await self._transition(session, job, S.JOB_STATE_FAILED, reason)
+        self._changed_now(meta.job_id)
+
+    async def on_training_started(self, event: ev.TrainingRunStarted) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or event.attempt < job.attempt:
+                return
+            job.attempt = event.attempt
+            if job.state == S.JOB_STATE_CANCELLED or job.cancel_requested:
+                # Cancelled while queued: tell the worker again.
+                self.outbox.add(
+                    session,
+                    subjects.TRAINING_RUN_CANCEL_REQUESTED,
+                    ev.TrainingRunCancelRequested(meta=self.bus.meta(job.workspace_id, job.id)),
+                )
+            elif job.state == S.JOB_STATE_TRAINING:
+                await self._add_event(session, job, "message", f"attempt {event.attempt} on {event.worker_id}"
+                                      f" resumed from step {event.resumed_from_step}")
+            else:
+                await self._transition(
+                    session, job, S.JOB_STATE_TRAINING,
+                    f"training on {event.worker_id} (attempt {event.attempt})",
+                )
+        self._changed_now(event.meta.job_id)
+
+    async def on_training_progress(self, event: ev.TrainingRunProgress) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or job.state != S.JOB_STATE_TRAINING or event.attempt < job.attempt:
+                return
+            job.progress = event.progress.SerializeToString()
+            p = event.progress
+            parts = [f"step {p.step}/{p.total_steps}"]
+            if p.HasField("train_loss"):
+                parts.append(f"loss {p.train_loss:.4f}")
+            if p.HasField("eval_loss"):
+                parts.append(f"eval loss {p.eval_loss:.4f}")
+            await self._add_event(session, job, "progress", ", ".join(parts), progress=p)
+        self._changed_now(event.meta.job_id)
+
+    async def on_training_checkpoint(self, event: ev.TrainingRunCheckpoint) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or event.attempt < job.attempt:
+                return
+            exists = (
+                await session.execute(
+                    select(CheckpointRow).where(CheckpointRow.job_id == job.id, CheckpointRow.step == event.step)
+                )
+            ).scalar_one_or_none()
+            if exists is None:
+                session.add(
+                    CheckpointRow(
+                        job_id=job.id,
+                        step=event.step,
+                        eval_loss=event.eval_loss if event.HasField("eval_loss") else None,
+                        artifact_path=event.artifact_path,
+                    )
+                )
+                await self._add_event(session, job, "checkpoint", f"checkpoint at step {event.step}")
+        self._changed_now(event.meta.job_id)
+
+    async def on_training_succeeded(self, event: ev.TrainingRunSucceeded) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or event.attempt < job.attempt:
+                return
+            if not await self._transition(session, job, S.JOB_STATE_REGISTERING, "registering the model"):
+                return
+            job.metrics = event.metrics.SerializeToString()
+            job.adapter_path = event.adapter_path
+            spec = self._spec(job)
+            self.outbox.add(
+                session,
+                subjects.MODEL_REGISTRATION_REQUESTED,
+                ev.ModelRegistrationRequested(
+                    meta=self.bus.meta(job.workspace_id, job.id),
+                    model_name=job.name,
+                    description=spec.description,
+                    base_model=spec.base_model,
+                    method=spec.method,
+                    dataset=self._dataset(job),
+                    adapter_path=event.adapter_path,
+                    metrics=event.metrics,
+                    hyperparameters=common_pb2.Hyperparameters.FromString(job.resolved_hyperparameters),
+                ),
+            )
+        self._changed_now(event.meta.job_id)
+
+    async def on_training_failed(self, event: ev.TrainingRunFailed) -> None:
+        async with self.db.session() as session:
+            job = await session.get(JobRow, event.meta.job_id)
+            if job is not None and event.attempt < job.attempt:
+                return
+        await self._fail_job(event.meta, event.reason, event.failure_kind)
+
+    async def on_training_cancelled(self, event: ev.TrainingRunCancelled) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None:
+                return
+            if await self._transition(session, job, S.JOB_STATE_CANCELLED, f"training stopped at step {event.step}"):
+                self.outbox.add(
+                    session,
+                    subjects.JOB_CANCELLED,
+                    ev.JobCancelled(meta=self.bus.meta(job.workspace_id, job.id), job_name=job.name,
+                                    owner_email=job.notify_email),
+                )
+        self._changed_now(event.meta.job_id)
+
+    async def on_model_registered(self, event: ev.ModelRegistrationSucceeded) -> None:
+        async with self.db.session() as session, session.begin():
+            job = await self._job_for_update(session, event.meta)
+            if job is None or job.state != S.JOB_STATE_REGISTERING:
+                return
+            job.model_name = event.model_name
+            job.model_id = event.model_id
+            await self._transition(session, job, S.JOB_STATE_SUCCEEDED, f"model {event.model_name} registered")
+            self._succeed(session, job)
+        self._changed_now(event.meta.job_id)
+
+    async def on_registration_failed(self, event: ev.ModelRegistrationFailed) -> None:
+        await self._fail_job(event.meta, event.reason, event.failure_kind)
+
+    # -- workspaces --------------------------------------------------------------------------
+    async def publish_workspace(self, session: AsyncSession, row: WorkspaceSecretRow) -> ev.WorkspaceUpdated:
+        update = ev.WorkspaceUpdated(
+            meta=self.bus.meta(row.id),
+            workspace_id=row.id,
+            name=row.name,
+            plan=row.plan,
+            owner_email=row.owner_email,
+            api_key_hashes=[h for h in row.api_key_hashes.split(",") if h],
+            revision=row.revision,
+        )
+        self.outbox.add(session, subjects.WORKSPACE_UPDATED, update)
+        return update
+
+
+class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
+    def __init__(self, app: JobScheduler):
+        self.app = app
+
+    # -- catalog and validation --------------------------------------------------------------
+    async def ListBaseModels(self, request, context):
+        current_workspace()
+        registry = get_registry()
+        return pb.ListBaseModelsResponse(
+            base_models=[
+                pb.BaseModel(
+                    id=s.id,
+                    display_name=s.display_name,
+                    description=s.description,
+                    family=s.family,
+                    parameter_count=s.parameter_count,
+                    context_length=s.context_length,
+                    lora_target_modules=s.lora_target_modules,
+                    default_lora_target_modules=s.default_lora_target_modules,
+                    capabilities=s.capabilities,
+                )
+                for s in sorted(registry.base_models.values(), key=lambda s: s.id)
+            ],
+            methods=sorted(registry.methods),
+        )
+
+    def _validate(self, spec: pb.JobSpec, workspace) -> tuple[hp.ResolvedHyperparameters, list[str]]:
+        registry = get_registry()
+        violations: list[tuple[str, str]] = []
+        if not NAME_RE.match(spec.name):
+            violations.append(("spec.name", "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"))
+        if len(spec.description) > 2000:
+            violations.append(("spec.description", "at most 2000 characters"))
+        for i, topic in enumerate(spec.topics):
+            if not topic.strip() or len(topic) > 100:
+                violations.append((f"spec.topics[{i}]", "a topic is 1-100 characters"))
+        base = registry.base_models.get(spec.base_model)
+        if base is None:
+            violations.append(("spec.base_model", f"unknown base model {spec.base_model!r}; "
+                               f"choose one of {', '.join(sorted(registry.base_models))}"))
+        method = registry.methods.get(spec.method)
+        if method is None:
+            violations.append(("spec.method", f"unknown method {spec.method!r}; choose one of {', '.join(sorted(registry.methods))}"))
+        else:
+            try:
+                options = json.loads(spec.method_options_json or "{}")
+                if not isinstance(options, dict):
+                    raise ValueError("must be a JSON object")
+                method.validate_options(options)
+            except ValueError as exc:
+                violations.append(("spec.method_options_json", str(exc)))
+        if spec.notify_email and not EMAIL_RE.match(spec.notify_email):
+            violations.append(("spec.notify_email", "not an email address"))
+        resolved = None
+        try:
+            resolved = hp.resolve(
+                hp.from_proto(spec.hyperparameters),
+                available_modules=base.lora_target_modules if base else hp_all_modules(),
+                default_modules=base.default_lora_target_modules if base else (),
+            )
+        except hp.HyperparameterError as exc:
+            violations.extend((f"spec.hyperparameters.{v.field}", v.description) for v in exc.violations)
+        if violations:
+            raise bad_request("invalid job: " + "; ".join(f"{f}: {d}" for f, d in violations), violations)
+        warnings = []
+        if resolved.learning_rate > 1e-3:
+            warnings.append("learning rate above 1e-3 may make training unstable or forget the base model's "
+                            "knowledge; if training is unstable, reduce it 10x")
+        if resolved.lora_alpha / resolved.lora_rank > 4:
+            warnings.append("lora_alpha far above lora_rank gives the adapter a strong influence")
+        if not workspace.can_train:
+            warnings.append(f"the {workspace.plan_name} plan builds the dataset only; fine-tuning needs Enterprise")
+        return resolved, warnings
+
+    async def ValidateJob(self, request, context):
+        workspace = current_workspace()
+        resolved, warnings = self._validate(request.spec, workspace)
+        return pb.ValidateJobResponse(
+            resolved_hyperparameters=hp.to_proto(resolved),
+            dataset_only=not workspace.can_train,
+            warnings=warnings,
+        )
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _to_proto(self, job: JobRow) -> pb.Job:
+        out = pb.Job(
+            id=job.id,
+            spec=pb.JobSpec.FromString(job.spec),
+            resolved_hyperparameters=common_pb2.Hyperparameters.FromString(job.resolved_hyperparameters),
+            state=job.state,
+            failure_reason=job.failure_reason,
+            failure_kind=job.failure_kind,
+            dataset_only=job.dataset_only,
+            model_name=job.model_name,
+            model_id=job.model_id,
+            notify_email=job.notify_email,
+            create_time=_ts(job.created_at),
+            update_time=_ts(job.updated_at),
+            attempt=job.attempt,
+        )
+        if job.dataset:
+            out.dataset.ParseFromString(job.dataset)
+        if job.progress:
+            out.progress.ParseFromString(job.progress)
+        if job.metrics:
+            out.metrics.ParseFromString(job.metrics)
+        return out
+
+    async def _get_job(self, session: AsyncSession, job_id: str, workspace_id: str) -> JobRow:
+        job = await session.get(JobRow, job_id) if job_id else None
+        if job is None or job.workspace_id != workspace_id:
+            raise not_found(f"job {job_id!r}")
+        return job
+
+    async def CreateJob(self, request, context):
+        workspace = current_workspace()
+        app = self.app
+        spec = request.spec
+        if request.request_id:
+            async with app.db.session() as session:
+                existing = (
+                    await session.execute(
+                        select(JobRow).where(JobRow.workspace_id == workspace.id, JobRow.request_id == request.request_id)
+                    )
+                ).scalar_one_or_none()
+                if existing is not None:
+                    return pb.CreateJobResponse(job=self._to_proto(existing))
+        resolved, warnings = self._validate(spec, workspace)
+        registry = get_registry()
+        method = registry.method(spec.method)
+        job_id = "job_" + uuid.uuid4().hex[:20]
+        async with app.db.session() as session, session.begin():
+            clash = (
+                await session.execute(
+                    select(JobRow.id).where(
+                        JobRow.workspace_id == workspace.id,
+                        JobRow.name == spec.name,
+                        JobRow.state.not_in([S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED]),
+                    )
+                )
+            ).first()
+            if clash:
+                raise ServiceError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"a job named {spec.name!r} already exists (it names the fine-tuned model); choose another name",
+                    [("spec.name", "already used by another job in this workspace")],
+                )
+            job = JobRow(
+                id=job_id,
+                workspace_id=workspace.id,
+                request_id=request.request_id or None,
+                name=spec.name,
+                spec=spec.SerializeToString(),
+                resolved_hyperparameters=hp.to_proto(resolved).SerializeToString(),
+                state=S.JOB_STATE_VALIDATING,
+                dataset_only=not workspace.can_train,
+                notify_email=spec.notify_email or workspace.owner_email,
+            )
+            session.add(job)
+            await session.flush()
+            await app._add_event(session, job, "state_changed", "job accepted; validating")
+            for warning in warnings:
+                await app._add_event(session, job, "message", f"warning: {warning}")
+            await app._transition(session, job, S.JOB_STATE_BUILDING_DATASET, "building the dataset")
+            app.outbox.add(
+                session,
+                subjects.DATASET_BUILD_REQUESTED,
+                ev.DatasetBuildRequested(
+                    meta=app.bus.meta(workspace.id, job_id),
+                    topics=list(spec.topics),
+                    method=spec.method,
+                    dataset_kind=method.dataset_kind,
+                    base_model=spec.base_model,
+                    test_fraction=resolved.test_fraction,
+                    seed=resolved.seed,
+                ),
+            )
+        app._changed_now(job_id)
+        async with app.db.session() as session:
+            job = await session.get(JobRow, job_id)
+            return pb.CreateJobResponse(job=self._to_proto(job), warnings=warnings)
+
+    async def GetJob(self, request, context):
+        workspace = current_workspace()
+        async with self.app.db.session() as session:
+            return pb.GetJobResponse(job=self._to_proto(await self._get_job(session, request.job_id, workspace.id)))
+
+    async def ListJobs(self, request, context):
+        workspace = current_workspace()
+        size = min(max(request.page_size or 50, 1), 200)
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        async with self.app.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(JobRow)
+                    .where(JobRow.workspace_id == workspace.id)
+                    .order_by(JobRow.created_at.desc(), JobRow.id)
+                    .offset(offset)
+                    .limit(size + 1)
+                )
+            ).scalars().all()
+        more = len(rows) > size
+        return pb.ListJobsResponse(
+            jobs=[self._to_proto(j) for j in rows[:size]],
+            next_page_token=str(offset + size) if more else "",
+        )
+
+    async def CancelJob(self, request, context):
+        workspace = current_workspace()
+        app = self.app
+        async with app.db.session() as session, session.begin():
+            job = await self._get_job(session, request.job_id, workspace.id)
+            if sm.is_terminal(job.state):
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"job already {sm.name(job.state)}")
+            if job.state == S.JOB_STATE_REGISTERING:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "training has finished; the model is being registered")
+            job.cancel_requested = True
+            if job.state == S.JOB_STATE_TRAINING:
+                await app._add_event(session, job, "message", "cancel requested; stopping at the next step")
+            else:
+                await app._transition(session, job, S.JOB_STATE_CANCELLED, "cancelled before training")
+                app.outbox.add(
+                    session,
+                    subjects.JOB_CANCELLED,
+                    ev.JobCancelled(meta=app.bus.meta(job.workspace_id, job.id), job_name=job.name,
+                                    owner_email=job.notify_email),
+                )
+            app.outbox.add(
+                session,
+                subjects.TRAINING_RUN_CANCEL_REQUESTED,
+                ev.TrainingRunCancelRequested(meta=app.bus.meta(job.workspace_id, job.id)),
+            )
+        app._changed_now(job.id)
+        async with app.db.session() as session:
+            return pb.CancelJobResponse(job=self._to_proto(await session.get(JobRow, job.id)))
+
+    async def WatchJob(self, request, context):
+        workspace = current_workspace()
+        app = self.app
+        after = request.after_sequence
+        while True:
+            changed = app._changed[request.job_id]  # register before reading: no missed wake-up
+            async with app.db.session() as session:
+                job = await self._get_job(session, request.job_id, workspace.id)
+                rows = (
+                    await session.execute(
+                        select(JobEventRow)
+                        .where(JobEventRow.job_id == job.id, JobEventRow.sequence > after)
+                        .order_by(JobEventRow.sequence)
+                    )
+                ).scalars().all()
+                terminal = sm.is_terminal(job.state)
+            for row in rows:
+                event = pb.JobEvent(
+                    sequence=row.sequence, time=_ts(row.time), kind=row.kind, state=row.state, message=row.message
+                )
+                if row.progress:
+                    event.progress.ParseFromString(row.progress)
+                yield pb.WatchJobResponse(event=event)
+                after = row.sequence
+            if terminal:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=1.0)  # also polls: other replicas
+            except asyncio.TimeoutError:
+                pass
+
+    async def ListCheckpoints(self, request, context):
+        workspace = current_workspace()
+        async with self.app.db.session() as session:
+            job = await self._get_job(session, request.job_id, workspace.id)
+            rows = (
+                await session.execute(
+                    select(CheckpointRow).where(CheckpointRow.job_id == job.id).order_by(CheckpointRow.step)
+                )
+            ).scalars().all()
+        out = pb.ListCheckpointsResponse()
+        for r in rows:
+            cp = out.checkpoints.add(step=r.step, artifact_path=r.artifact_path, create_time=_ts(r.created_at))
+            if r.eval_loss is not None:
+                cp.eval_loss = r.eval_loss
+        return out
+
+    # -- workspaces --------------------------------------------------------------------------
+    async def CreateWorkspace(self, request, context):
+        violations = []
+        if not request.name.strip() or len(request.name) > 200:
+            violations.append(("name", "1-200 characters"))
+        if request.plan == common_pb2.PLAN_UNSPECIFIED or request.plan not in common_pb2.Plan.values():
+            violations.append(("plan", "one of starter, pro, business, enterprise"))
+        if not EMAIL_RE.match(request.owner_email):
+            violations.append(("owner_email", "not an email address"))
+        if violations:
+            raise bad_request("invalid workspace", violations)
+        api_key = new_api_key()
+        app = self.app
+        async with app.db.session() as session, session.begin():
+            row = WorkspaceSecretRow(
+                id="ws_" + uuid.uuid4().hex[:20],
+                name=request.name,
+                plan=request.plan,
+                owner_email=request.owner_email,
+                revision=1,
+                api_key_hashes=hash_api_key(api_key),
+            )
+            session.add(row)
+            update = await app.publish_workspace(session, row)
+        await app.directory.apply(update)  # this service authenticates the key at once
+        app.outbox.notify()
+        return pb.CreateWorkspaceResponse(
+            workspace=pb.Workspace(id=row.id, name=row.name, plan=row.plan, owner_email=row.owner_email),
+            api_key=api_key,
+        )
+
+    async def GetWorkspace(self, request, context):
+        ws = current_workspace()
+        return pb.GetWorkspaceResponse(
+            workspace=pb.Workspace(id=ws.id, name=ws.name, plan=ws.plan, owner_email=ws.owner_email)
+        )
+
+
+def hp_all_modules() -> tuple[str, ...]:
+    from tuneforge.training import ALL_LORA_MODULES
+
+    return ALL_LORA_MODULES

@@ -1,0 +1,1 @@
+"""model-registry: fine-tuned models, their lineage and their assignment to agents."""

@@ -1,0 +1,234 @@
+"""model-registry: registers trained adapters under their job's name and serves them to agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import delete, or_, select
+
+from tuneforge.api.common.v1 import common_pb2
+from tuneforge.api.events.v1 import events_pb2 as ev
+from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as pb
+from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as pb_grpc
+from tuneforge.core import subjects
+from tuneforge.core.errors import ServiceError, bad_request, failed_precondition, not_found
+from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.service import BaseService
+from tuneforge.core.storage import ArtifactStore
+from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+CHUNK = 256 * 1024
+
+
+def _ts(value) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+class ModelRegistry(BaseService):
+    name = "model-registry"
+    tables = (Base,)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.store = ArtifactStore(settings.resolved_artifact_url())
+
+    def grpc_services(self):
+        return [(pb_grpc.add_ModelRegistryServiceServicer_to_server, ModelRegistryServicer(self), SERVICE_NAME)]
+
+    async def on_start(self) -> None:
+        await self.bus.consume("model-registry", [subjects.MODEL_REGISTRATION_REQUESTED], self.on_registration_requested)
+
+    async def on_registration_requested(self, _subject, event: ev.ModelRegistrationRequested, _msg) -> None:
+        meta = event.meta
+        async with self.db.session() as session:
+            existing = (
+                await session.execute(
+                    select(ModelRow).where(ModelRow.workspace_id == meta.workspace_id, ModelRow.job_id == meta.job_id)
+                )
+            ).scalar_one_or_none()
+            clash = (
+                await session.execute(
+                    select(ModelRow.id).where(
+                        ModelRow.workspace_id == meta.workspace_id, ModelRow.name == event.model_name,
+                        ModelRow.job_id != meta.job_id,
+                    )
+                )
+            ).first()
+        if existing is None and clash:
+            await self._emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
+                meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                reason=f"a model named {event.model_name!r} already exists in the workspace",
+                failure_kind=common_pb2.FAILURE_KIND_USER,
+            ))
+            return
+        if existing is None:
+            model_id = "mdl_" + uuid.uuid4().hex[:20]
+            prefix = f"registry/{meta.workspace_id}/{model_id}/adapter"
+            try:
+                files = await asyncio.to_thread(self._copy_adapter, event.adapter_path, prefix)
+            except (FileNotFoundError, ValueError) as exc:
+                await self._emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
+                    meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                    reason=f"the trained adapter is incomplete: {exc}",
+                    failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
+                ))
+                return
+            row = ModelRow(
+                id=model_id, workspace_id=meta.workspace_id, name=event.model_name,
+                description=event.description, base_model=event.base_model, method=event.method,
+                job_id=meta.job_id, dataset=event.dataset.SerializeToString(),
+                metrics=event.metrics.SerializeToString(),
+                hyperparameters=event.hyperparameters.SerializeToString(),
+                adapter_path=prefix, files=json.dumps(files),
+            )
+            async with self.db.session() as session, session.begin():
+                session.add(row)
+                self.outbox.add(session, subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
+                    meta=self.bus.meta(meta.workspace_id, meta.job_id), model_id=model_id, model_name=row.name,
+                ))
+            self.outbox.notify()
+        else:  # redelivered: announce again, idempotently
+            await self._emit(subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
+                meta=self.bus.meta(meta.workspace_id, meta.job_id), model_id=existing.id, model_name=existing.name,
+            ))
+
+    def _copy_adapter(self, source_prefix: str, prefix: str) -> list[dict]:
+        keys = self.store.list(source_prefix)
+        names = {k[len(source_prefix) + 1:] for k in keys}
+        missing = [f for f in REQUIRED_FILES if f not in names]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} missing under {source_prefix}")
+        files = []
+        for key in keys:
+            rel = key[len(source_prefix) + 1:]
+            data = self.store.get_bytes(key)
+            self.store.put_bytes(f"{prefix}/{rel}", data)
+            import hashlib
+
+            files.append({"path": rel, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        return files
+
+    async def _emit(self, subject, message) -> None:
+        async with self.db.session() as session, session.begin():
+            self.outbox.add(session, subject, message)
+        self.outbox.notify()
+
+
+class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
+    def __init__(self, app: ModelRegistry):
+        self.app = app
+
+    async def _find(self, session, ref: str) -> ModelRow:
+        ws = current_workspace()
+        if not ref:
+            raise bad_request("no model given", [("model", "a model id or name")])
+        row = (
+            await session.execute(
+                select(ModelRow).where(ModelRow.workspace_id == ws.id, or_(ModelRow.id == ref, ModelRow.name == ref))
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            raise not_found(f"model {ref!r}")
+        return row
+
+    async def _to_proto(self, session, row: ModelRow) -> pb.Model:
+        agents = [a for (a,) in await session.execute(
+            select(AssignmentRow.agent_id).where(AssignmentRow.model_id == row.id).order_by(AssignmentRow.agent_id)
+        )]
+        return pb.Model(
+            id=row.id, name=row.name, description=row.description, base_model=row.base_model, method=row.method,
+            job_id=row.job_id, dataset=common_pb2.DatasetSummary.FromString(row.dataset),
+            metrics=common_pb2.TrainingMetrics.FromString(row.metrics),
+            hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters),
+            files=[common_pb2.ArtifactFile(**f) for f in json.loads(row.files)],
+            adapter_path=row.adapter_path, agent_ids=agents, create_time=_ts(row.created_at),
+        )
+
+    async def GetModel(self, request, context):
+        async with self.app.db.session() as session:
+            row = await self._find(session, request.model)
+            return pb.GetModelResponse(model=await self._to_proto(session, row))
+
+    async def ListModels(self, request, context):
+        ws = current_workspace()
+        size = min(max(request.page_size or 50, 1), 200)
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        async with self.app.db.session() as session:
+            rows = (await session.execute(
+                select(ModelRow).where(ModelRow.workspace_id == ws.id)
+                .order_by(ModelRow.created_at.desc(), ModelRow.id).offset(offset).limit(size + 1)
+            )).scalars().all()
+            models = [await self._to_proto(session, r) for r in rows[:size]]
+        return pb.ListModelsResponse(models=models, next_page_token=str(offset + size) if len(rows) > size else "")
+
+    async def ResolveModel(self, request, context):
+        async with self.app.db.session() as session:
+            row = await self._find(session, request.name)
+        files = {f["path"]: f for f in json.loads(row.files)}
+        return pb.ResolveModelResponse(
+            model_id=row.id, base_model=row.base_model, adapter_path=row.adapter_path,
+            adapter_sha256=files["adapter_model.safetensors"]["sha256"],
+        )
+
+    def _enterprise(self, action: str) -> None:
+        ws = current_workspace()
+        if not ws.can_train:
+            raise failed_precondition(f"{action} needs the Enterprise plan; this workspace is on {ws.plan_name}")
+
+    async def AssignModelToAgent(self, request, context):
+        self._enterprise("assigning models to agents")
+        if not AGENT_RE.match(request.agent_id):
+            raise bad_request("invalid agent id", [("agent_id", "1-128 characters: letters, digits, '.', '_', ':', '-'")])
+        async with self.app.db.session() as session, session.begin():
+            row = await self._find(session, request.model)
+            if await session.get(AssignmentRow, (row.id, request.agent_id)) is None:
+                session.add(AssignmentRow(model_id=row.id, agent_id=request.agent_id, workspace_id=row.workspace_id))
+        async with self.app.db.session() as session:
+            return pb.AssignModelToAgentResponse(model=await self._to_proto(session, await self._find(session, row.id)))
+
+    async def UnassignModel(self, request, context):
+        self._enterprise("assigning models to agents")
+        async with self.app.db.session() as session, session.begin():
+            row = await self._find(session, request.model)
+            result = await session.execute(
+                delete(AssignmentRow).where(AssignmentRow.model_id == row.id, AssignmentRow.agent_id == request.agent_id)
+            )
+            if result.rowcount == 0:
+                raise not_found(f"assignment of {request.model!r} to agent {request.agent_id!r}")
+        async with self.app.db.session() as session:
+            return pb.UnassignModelResponse(model=await self._to_proto(session, await self._find(session, row.id)))
+
+    async def DownloadModel(self, request, context):
+        self._enterprise("downloading adapter weights")
+        async with self.app.db.session() as session:
+            row = await self._find(session, request.model)
+        for f in json.loads(row.files):
+            data = await asyncio.to_thread(self.app.store.get_bytes, f"{row.adapter_path}/{f['path']}")
+            for offset in range(0, max(len(data), 1), CHUNK):
+                block = data[offset:offset + CHUNK]
+                yield pb.DownloadModelResponse(chunk=common_pb2.FileChunk(
+                    path=f["path"], offset=offset, data=block, eof=offset + len(block) >= len(data)))
+
+    async def DeleteModel(self, request, context):
+        async with self.app.db.session() as session, session.begin():
+            row = await self._find(session, request.model)
+            await session.execute(delete(AssignmentRow).where(AssignmentRow.model_id == row.id))
+            await session.delete(row)
+            prefix = row.adapter_path.rsplit("/", 1)[0]
+        await asyncio.to_thread(self.app.store.delete_prefix, prefix)
+        return pb.DeleteModelResponse()
+
+
+_ = (grpc, ServiceError)

@@ -1,0 +1,1 @@
+"""notifier: emails job owners when a job ends; keeps every delivery and attempt."""

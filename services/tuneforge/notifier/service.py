@@ -1,0 +1,186 @@
+"""notifier: turns job.succeeded / failed / cancelled events into emails to the job's owner,
+through SMTP when configured and otherwise as .eml files in an outbox directory."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from tuneforge.api.events.v1 import events_pb2 as ev
+from tuneforge.api.notifier.v1 import notifier_service_pb2 as pb
+from tuneforge.api.notifier.v1 import notifier_service_pb2_grpc as pb_grpc
+from tuneforge.core import subjects
+from tuneforge.core.db import utcnow
+from tuneforge.core.errors import bad_request
+from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.service import BaseService
+from tuneforge.notifier import mailer, messages
+from tuneforge.notifier.models import Base, DeliveryRow
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_ATTEMPTS = 8
+
+
+def _ts(value) -> Timestamp | None:
+    if value is None:
+        return None
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+class Notifier(BaseService):
+    name = "notifier"
+    tables = (Base,)
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.smtp = (
+            mailer.SmtpSettings(
+                host=settings.smtp_host, port=settings.smtp_port, username=settings.smtp_username,
+                password=settings.smtp_password, starttls=settings.smtp_starttls, use_tls=settings.smtp_use_tls,
+            )
+            if settings.smtp_host
+            else None
+        )
+        self.outbox_dir = settings.resolved_outbox_dir()
+        self._wake = asyncio.Event()
+
+    def grpc_services(self):
+        return [(pb_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(self), SERVICE_NAME)]
+
+    async def on_start(self) -> None:
+        await self.bus.consume(
+            "notifier", [subjects.JOB_SUCCEEDED, subjects.JOB_FAILED, subjects.JOB_CANCELLED], self.on_job_event
+        )
+        self.spawn(self._retry_loop(), "notifier-retries")
+
+    async def on_job_event(self, subject: str, event, _msg) -> None:
+        if subject == subjects.JOB_SUCCEEDED:
+            title, body = messages.job_succeeded(event)
+        elif subject == subjects.JOB_FAILED:
+            title, body = messages.job_failed(event)
+        else:
+            title, body = messages.job_cancelled(event)
+        row = await self.record(event.meta, event.owner_email, title, body)
+        if row is not None:
+            await self.attempt(row.id)
+
+    async def record(self, meta: ev.EventMeta, recipient: str, subject: str, body: str) -> DeliveryRow | None:
+        """Store the delivery once per event (a redelivered event finds it and sends nothing new)."""
+        delivery_id = "dlv_" + uuid.uuid4().hex[:20]
+        row = DeliveryRow(
+            id=delivery_id, event_id=meta.event_id, workspace_id=meta.workspace_id, job_id=meta.job_id,
+            recipient=recipient, subject=subject, body=body,
+            message_id=f"<{delivery_id}@tuneforge>", state=pb.DELIVERY_STATE_PENDING,
+        )
+        try:
+            async with self.db.session() as session, session.begin():
+                session.add(row)
+        except IntegrityError:
+            return None
+        return row
+
+    async def attempt(self, delivery_id: str) -> DeliveryRow:
+        async with self.db.session() as session:
+            row = await session.get(DeliveryRow, delivery_id)
+        if row.state != pb.DELIVERY_STATE_PENDING:
+            return row
+        message = mailer.compose(
+            sender=self.settings.mail_from, to=row.recipient, subject=row.subject, text=row.body,
+            message_id=row.message_id,
+            headers={"X-Tuneforge-Job": row.job_id} if row.job_id else None,
+        )
+        error = ""
+        destination = ""
+        try:
+            destination = await mailer.deliver(message, smtp=self.smtp, outbox_dir=self.outbox_dir)
+        except Exception as exc:  # MailDeliveryError, OSError writing the outbox
+            error = f"{type(exc).__name__}: {exc.__cause__ or exc}"
+            log.warning("delivery %s failed: %s", delivery_id, error)
+        async with self.db.session() as session, session.begin():
+            row = await session.get(DeliveryRow, delivery_id)
+            row.attempts += 1
+            if error:
+                row.last_error = error
+                if row.attempts >= MAX_ATTEMPTS:
+                    row.state = pb.DELIVERY_STATE_FAILED
+                else:
+                    row.next_attempt_at = utcnow() + dt.timedelta(seconds=min(600, 5 * 2 ** row.attempts))
+            else:
+                row.state = pb.DELIVERY_STATE_SENT
+                row.destination = destination
+                row.sent_at = utcnow()
+                row.last_error = ""
+        return row
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                async with self.db.session() as session:
+                    due = [r for (r,) in await session.execute(
+                        select(DeliveryRow.id).where(
+                            DeliveryRow.state == pb.DELIVERY_STATE_PENDING, DeliveryRow.next_attempt_at <= utcnow()
+                        )
+                    )]
+                for delivery_id in due:
+                    await self.attempt(delivery_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retry loop failed")
+
+
+def _to_proto(row: DeliveryRow) -> pb.Delivery:
+    out = pb.Delivery(
+        id=row.id, job_id=row.job_id, recipient=row.recipient, subject=row.subject, state=row.state,
+        attempts=row.attempts, last_error=row.last_error, destination=row.destination, event_id=row.event_id,
+        create_time=_ts(row.created_at),
+    )
+    if row.sent_at:
+        out.sent_time.CopyFrom(_ts(row.sent_at))
+    return out
+
+
+class NotifierServicer(pb_grpc.NotifierServiceServicer):
+    def __init__(self, app: Notifier):
+        self.app = app
+
+    async def ListDeliveries(self, request, context):
+        ws = current_workspace()
+        size = min(max(request.page_size or 50, 1), 200)
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        query = select(DeliveryRow).where(DeliveryRow.workspace_id == ws.id)
+        if request.job_id:
+            query = query.where(DeliveryRow.job_id == request.job_id)
+        async with self.app.db.session() as session:
+            rows = (await session.execute(
+                query.order_by(DeliveryRow.created_at.desc(), DeliveryRow.id).offset(offset).limit(size + 1)
+            )).scalars().all()
+        return pb.ListDeliveriesResponse(
+            deliveries=[_to_proto(r) for r in rows[:size]],
+            next_page_token=str(offset + size) if len(rows) > size else "",
+        )
+
+    async def SendTestNotification(self, request, context):
+        ws = current_workspace()
+        recipient = request.recipient or ws.owner_email
+        if not EMAIL_RE.match(recipient):
+            raise bad_request("invalid recipient", [("recipient", "not an email address")])
+        meta = self.app.bus.meta(ws.id)
+        row = await self.app.record(
+            meta, recipient, "tuneforge test notification",
+            f"This is a test email for the workspace '{ws.name}'. Job notifications will arrive like this.\n",
+        )
+        row = await self.app.attempt(row.id)
+        return pb.SendTestNotificationResponse(delivery=_to_proto(row))

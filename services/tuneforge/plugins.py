@@ -1,0 +1,84 @@
+"""Loading plugins: built-ins and third-party ones through the same entry-point group.
+
+``TUNEFORGE_LOAD_PLUGINS=name1,name2`` loads only the named entry points (empty string: none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from importlib.metadata import entry_points
+
+import pluggy
+
+from tuneforge import hookspecs
+from tuneforge.training import BaseModelSpec, TrainingMethod
+
+ENTRY_POINT_GROUP = "tuneforge"
+
+
+class PluginError(RuntimeError):
+    """A plugin registered something invalid (duplicate name, wrong type)."""
+
+
+@dataclasses.dataclass
+class Registry:
+    """What the loaded plugins registered."""
+
+    base_models: dict[str, BaseModelSpec]
+    methods: dict[str, TrainingMethod]
+    plugin_names: list[str]
+
+    def base_model(self, model_id: str) -> BaseModelSpec:
+        return self.base_models[model_id]
+
+    def method(self, name: str) -> TrainingMethod:
+        return self.methods[name]
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("tuneforge")
+    pm.add_hookspecs(hookspecs)
+    if load_entry_points:
+        only = os.environ.get("TUNEFORGE_LOAD_PLUGINS")
+        if only is None:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        else:
+            wanted = {name.strip() for name in only.split(",") if name.strip()}
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                if ep.name in wanted and pm.get_plugin(ep.name) is None:
+                    pm.register(ep.load(), name=ep.name)
+    pm.check_pending()
+    return pm
+
+
+def collect(pm: pluggy.PluginManager) -> Registry:
+    base_models: dict[str, BaseModelSpec] = {}
+    methods: dict[str, TrainingMethod] = {}
+
+    def register_base_model(spec: BaseModelSpec) -> None:
+        if not isinstance(spec, BaseModelSpec):
+            raise PluginError(f"register_base_models expects BaseModelSpec, got {type(spec).__name__}")
+        if spec.id in base_models:
+            raise PluginError(f"base model {spec.id!r} is registered twice")
+        base_models[spec.id] = spec
+
+    def register_method(method: TrainingMethod) -> None:
+        for attr in ("name", "display_name", "dataset_kind", "train", "validate_options"):
+            if not hasattr(method, attr):
+                raise PluginError(f"training method {method!r} lacks {attr!r}")
+        if method.name in methods:
+            raise PluginError(f"training method {method.name!r} is registered twice")
+        methods[method.name] = method
+
+    pm.hook.register_base_models(register=register_base_model)
+    pm.hook.register_training_methods(register=register_method)
+    names = sorted(name for name, _ in pm.list_name_plugin() if name)
+    return Registry(base_models=base_models, methods=methods, plugin_names=names)
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """The process-wide registry of installed plugins."""
+    return collect(make_plugin_manager())

@@ -1,0 +1,1 @@
+"""trainer: workers that pull training work, run plugin methods (TRL + peft), write adapters."""

@@ -1,0 +1,121 @@
+"""The data that plugins exchange with the core: base models, training methods, a run's context.
+
+Nothing here imports torch: the light services read the catalog too. A method's ``train`` imports
+its heavy stack inside the function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuneforge.core.hyperparameters import ResolvedHyperparameters
+
+ALL_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+
+DATASET_KIND_CONVERSATIONS = "conversations"
+DATASET_KIND_PREFERENCES = "preferences"
+
+
+@dataclasses.dataclass(frozen=True)
+class StandinShape:
+    """How to build a tiny randomly initialised stand-in of a family (tests, quickstart)."""
+
+    model_type: str  # transformers model_type, e.g. "llama"
+    config: dict[str, Any]  # extra config kwargs (hidden_size, num_hidden_layers, …)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelSpec:
+    """One entry of the base-model catalog."""
+
+    id: str  # catalog id, e.g. "llama-3.2-1b"
+    display_name: str  # e.g. "Llama 3.2 1B"
+    description: str
+    family: str  # architecture family, e.g. "llama"
+    source: str  # where real weights come from, e.g. a Hugging Face repo id
+    parameter_count: int
+    context_length: int
+    lora_target_modules: tuple[str, ...]  # modules the model has
+    default_lora_target_modules: tuple[str, ...]  # selected by default
+    training_chat_template: str  # Jinja chat template with {% generation %} markers
+    capabilities: tuple[str, ...] = ()  # e.g. ("tool_calling", "planning", "reasoning")
+    standin: StandinShape | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.default_lora_target_modules) - set(self.lora_target_modules)
+        if unknown:
+            raise ValueError(f"{self.id}: default LoRA modules {sorted(unknown)} not in the model")
+        if not self.id or not self.id.replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"catalog id {self.id!r} must be letters, digits, '-' and '.'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressReport:
+    """A training progress point, turned into a ``training.run.progress`` event by the core."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointReport:
+    """A checkpoint a method kept (directory holds an adapter in safetensors)."""
+
+    step: int
+    path: Path
+    eval_loss: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    adapter_dir: Path  # final adapter (adapter_config.json + adapter_model.safetensors)
+    steps: int
+    epochs: float
+    train_loss: float | None
+    eval_loss: float | None
+    stopped_early: bool
+    cancelled: bool = False
+    checkpoints: tuple[CheckpointReport, ...] = ()
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TrainingContext:
+    """Everything a method needs for one run. Paths are local directories."""
+
+    job_id: str
+    base_model: BaseModelSpec
+    model_dir: Path  # Hugging Face layout, loaded with from_pretrained(model_dir)
+    train_file: Path  # universal-format JSONL
+    test_file: Path
+    output_dir: Path  # the method writes checkpoints and the final adapter under it
+    hyperparameters: ResolvedHyperparameters
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 42
+    report_progress: Callable[[ProgressReport], None] = lambda report: None
+    report_checkpoint: Callable[[CheckpointReport], None] = lambda report: None
+    should_stop: Callable[[], bool] = lambda: False  # cancel requested: stop at the next step
+    resume_from: Path | None = None  # a checkpoint directory to resume from
+
+
+class TrainingMethod(Protocol):
+    """A training method (``sft``, ``dpo``). Register an instance via ``register_training_methods``."""
+
+    name: str
+    display_name: str
+    dataset_kind: str  # DATASET_KIND_CONVERSATIONS or DATASET_KIND_PREFERENCES
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Return the options with defaults filled in; raise ValueError for bad ones."""
+
+    def train(self, context: TrainingContext) -> TrainingResult:
+        """Run the training; heavy imports happen inside."""

@@ -1,0 +1,79 @@
+"""Shared fixtures: real servers on free ports (nats-server with JetStream, an SMTP sink)."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import sys
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    import tuneforge  # noqa: F401
+except ImportError:  # not installed: use the source tree
+    sys.path[:0] = [str(REPO_ROOT / "services"), str(REPO_ROOT / "plugins")]
+
+from tuneforge.core.nats_server import NatsServerProcess, free_port  # noqa: E402
+
+
+# --- NATS -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServerProcess]:
+    """One JetStream-enabled nats-server for the whole session; connect with `nats_server.url`.
+
+    Shared, so tests must use their own stream and subject names (or clean up after themselves).
+    """
+    base = tmp_path_factory.mktemp("nats")
+    server = NatsServerProcess(base / "store", log_file=base / "nats-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- SMTP -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SmtpSink:
+    """A running SMTP server that accepts every message and keeps it."""
+
+    host: str
+    port: int
+    messages: list[EmailMessage] = dataclasses.field(default_factory=list)
+    envelopes: list[object] = dataclasses.field(default_factory=list)  # aiosmtpd Envelope: mail_from, rcpt_tos
+
+
+class _CollectingHandler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self._sink = sink
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's hook name)
+        raw = envelope.original_content or envelope.content
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
+        self._sink.envelopes.append(envelope)
+        self._sink.messages.append(email.message_from_bytes(raw, policy=email.policy.default))
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpSink]:
+    """An aiosmtpd server on 127.0.0.1 and a free port; received mail lands in `.messages`."""
+    from aiosmtpd.controller import Controller
+
+    host = "127.0.0.1"
+    sink = SmtpSink(host=host, port=free_port(host))
+    controller = Controller(_CollectingHandler(sink), hostname=host, port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
