@@ -107,16 +107,22 @@ class _ProgressView:
             TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console,
         )
         self.task = None
+        self.train_loss: float | None = None
+        self.eval_loss: float | None = None
 
     def __call__(self, event: js.JobEvent) -> None:
         state = js.JobState.Name(event.state).removeprefix("JOB_STATE_")
         if event.kind == "progress":
             p = event.progress
-            losses = []
             if p.HasField("train_loss"):
-                losses.append(f"loss {p.train_loss:.4f}")
+                self.train_loss = p.train_loss
             if p.HasField("eval_loss"):
-                losses.append(f"eval loss {p.eval_loss:.4f}")
+                self.eval_loss = p.eval_loss
+            losses = []
+            if self.train_loss is not None:
+                losses.append(f"loss {self.train_loss:.4f}")
+            if self.eval_loss is not None:
+                losses.append(f"eval loss {self.eval_loss:.4f}")
             if self.task is None:
                 self.progress.start()
                 self.task = self.progress.add_task("train", total=p.total_steps, losses="")
@@ -161,6 +167,8 @@ def main(data_dir: Path, keep_running: bool = False) -> int:
     job = outcome.job
     ok = job.state == js.JOB_STATE_SUCCEEDED
     table = Table(title="quickstart summary", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     table.add_row("job", f"{job.spec.name} ({job.id})")
     table.add_row("state", js.JobState.Name(job.state).removeprefix("JOB_STATE_")
                   + (f": {job.failure_reason}" if job.failure_reason else ""))
