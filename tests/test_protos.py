@@ -21,6 +21,24 @@ def test_generated_code_is_current():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _buf() -> str:
+    import shutil
+    import sysconfig
+
+    candidate = Path(sysconfig.get_path("scripts")) / "buf"
+    found = str(candidate) if candidate.exists() else shutil.which("buf")
+    assert found, "buf (PyPI buf-bin, in the dev extra) is not installed"
+    return found
+
+
+@pytest.mark.parametrize("args", [["lint"], ["format", "--diff", "--exit-code"], ["build", "-o", "/dev/null"]],
+                         ids=["lint", "format", "build"])
+def test_buf(args):
+    """buf STANDARD + COMMENTS lint rules (buf.yaml), canonical formatting, and a clean build."""
+    result = subprocess.run([_buf(), *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_generated_code_is_marked_generated():
     api = ROOT / "services" / "tuneforge" / "api"
     for path in api.rglob("*_pb2*.py"):

@@ -132,6 +132,19 @@ def masked_runs(mask: list[int]) -> list[tuple[int, int]]:
 # fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    barriers stall on descheduled threads: measured 63 s for this file with 2 threads beside
+    another training process, 21 s with 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def spec():
     from tuneforge_builtin import llama

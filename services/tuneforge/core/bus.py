@@ -172,6 +172,7 @@ class Consumer:
         self.batch = batch
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
+        self._handling = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.durable}")
@@ -188,8 +189,12 @@ class Consumer:
                 log.exception("fetch failed on %s", self.durable)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                await self._handle(msg)
+            self._handling = True
+            try:
+                for msg in msgs:
+                    await self._handle(msg)
+            finally:
+                self._handling = False
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -209,10 +214,12 @@ class Consumer:
     async def stop(self) -> None:
         self._stopping.set()
         if self._task:
+            if not self._handling:
+                self._task.cancel()  # idle in fetch: nothing is lost
             try:
-                await asyncio.wait_for(self._task, timeout=3)
+                await asyncio.wait_for(self._task, timeout=10)  # let a handler finish its message
             except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+                pass
         try:
             await self.psub.unsubscribe()
         except Exception:
