@@ -167,8 +167,9 @@ async def test_min_examples_refusal_says_how_many_each_step_left(services, tmp_p
         assert events[-1].state == js.JOB_STATE_FAILED
         job = (await clients.job_scheduler.GetJob(js.GetJobRequest(job_id=created.job.id))).job
         assert job.failure_kind == common_pb2.FAILURE_KIND_USER
-        assert "at least 200" in job.failure_reason and "matched 120" in job.failure_reason
-        assert "108 train / 12 test" in job.failure_reason
+        assert "at least 200 examples (min_examples) but only 120 remain" in job.failure_reason
+        assert ("270 examples in the workspace -> 120 conversations examples in alpha -> 120 after removing "
+                "duplicates -> 108 train / 12 test") in job.failure_reason
     finally:
         await clients.close()
 

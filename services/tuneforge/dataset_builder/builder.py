@@ -1,39 +1,66 @@
-"""Building an immutable, content-addressed dataset snapshot: filter, de-duplicate, split, write."""
+"""Building an immutable, content-addressed dataset snapshot: filter by topic and format,
+de-duplicate, count tokens, handle over-length examples, split, and describe every step."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tuneforge.dataset_builder import formats
 
 FORMAT_VERSION = 1
-SPLIT_ALGORITHM = "sha256-sort+random.Random(seed).shuffle"
+SPLIT_ALGORITHM = "sort by content hash, then random.Random(seed).shuffle, first round(test_fraction*n) are test"
+OVERLENGTH_POLICIES = ("drop", "truncate")
 
 
 @dataclasses.dataclass(frozen=True)
 class StoredExample:
     content_hash: str
     format: str
-    body: dict[str, Any]
+    body: dict[str, Any]  # universal form
     topics: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    topics: tuple[str, ...]
+    kind: str  # "conversations" or "preferences"
+    method: str
+    base_model: str
+    context_length: int
+    test_fraction: float = 0.1
+    seed: int = 42
+    train_on_inputs: str = "auto"
+    overlength: str = "drop"
+    max_epochs: int = 20
+
+    def key(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["topics"] = sorted(self.topics)
+        d["format_version"] = FORMAT_VERSION
+        return d
 
 
 @dataclasses.dataclass
 class Snapshot:
     dataset_id: str
     content_hash: str
-    kind: str
+    options: BuildOptions
     train: list[StoredExample]
     test: list[StoredExample]
-    filtered_count: int
+    counts: dict[str, int]  # workspace, filtered, deduplicated, overlength, kept, train, test
     topic_counts: dict[str, int]
+    token_stats: dict[str, dict[str, float]] | None  # split -> stats
+    train_on_inputs_rule: str
     warnings: list[str]
     manifest: dict[str, Any]
+    tokenizer: str = ""
 
 
 def split_count(n: int, test_fraction: float) -> int:
@@ -44,64 +71,146 @@ def split_count(n: int, test_fraction: float) -> int:
     return n_test
 
 
+def token_stats(counts: Sequence[int]) -> dict[str, float]:
+    if not counts:
+        return {"count": 0, "total": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    ordered = sorted(counts)
+
+    def pct(p: float) -> int:  # nearest-rank percentile
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return {"count": len(ordered), "total": sum(ordered), "mean": sum(ordered) / len(ordered),
+            "p50": pct(50), "p95": pct(95), "max": ordered[-1]}
+
+
+def resolve_train_on_inputs(setting: str, examples: Sequence[StoredExample]) -> str:
+    """DESIGN §3: true → all tokens; false → assistant output only; auto → plain text: all tokens,
+    conversations: assistant turns only, messages with a `weight` → those weights."""
+    if not examples or examples[0].format == formats.FORMAT_PREFERENCE:
+        return "preference pairs: loss on the preferred/non-preferred outputs (DPO)"
+    if setting == "true":
+        return "all tokens (train_on_inputs=true)"
+    kinds = set()
+    for e in examples:
+        if "text" in e.body:
+            kinds.add("text")
+        elif setting == "auto" and any("weight" in m for m in e.body["messages"]):
+            kinds.add("weights")
+        else:
+            kinds.add("conversation")
+    parts = []
+    if "conversation" in kinds:
+        parts.append("assistant turns only" + (" (train_on_inputs=false)" if setting == "false" else ""))
+    if "weights" in kinds:
+        parts.append("assistant messages by their weight (0 or 1)")
+    if "text" in kinds:
+        parts.append("all tokens of plain text" + (" (plain text has no inputs to leave out)" if setting == "false" else ""))
+    return "; ".join(parts)
+
+
 def build_snapshot(
-    examples: list[StoredExample],
-    *,
-    topics: list[str],
-    kind: str,
-    test_fraction: float,
-    seed: int,
-    base_model: str,
-    method: str,
+    examples: Sequence[StoredExample],
+    options: BuildOptions,
+    count_tokens: Callable[[list[dict[str, Any]]], list[int]] | None = None,
+    tokenizer: str = "",
 ) -> Snapshot:
-    wanted = set(topics)
+    if options.overlength not in OVERLENGTH_POLICIES:
+        raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}")
+    wanted = set(options.topics)
     filtered = [
         e for e in examples
-        if formats.KIND_OF_FORMAT[e.format] == kind and (not wanted or wanted.intersection(e.topics))
+        if formats.KIND_OF_FORMAT[e.format] == options.kind and (not wanted or wanted.intersection(e.topics))
     ]
     unique: dict[str, StoredExample] = {}
     for e in filtered:
         unique.setdefault(e.content_hash, e)
     ordered = sorted(unique.values(), key=lambda e: e.content_hash)
-    random.Random(seed).shuffle(ordered)
-    n_test = split_count(len(ordered), test_fraction)
-    test, train = ordered[:n_test], ordered[n_test:]
-    topic_counts = Counter(t for e in ordered for t in e.topics if not wanted or t in wanted)
-    settings = {"topics": sorted(wanted), "kind": kind, "test_fraction": test_fraction, "seed": seed,
-                "format_version": FORMAT_VERSION, "base_model": base_model}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for e in sorted(unique):
-        digest.update(e.encode())
+    lengths: dict[str, int] = {}
+    overlength: list[str] = []
+    if count_tokens is not None and ordered:
+        for e, n in zip(ordered, count_tokens([e.body for e in ordered])):
+            lengths[e.content_hash] = n
+            if n > options.context_length:
+                overlength.append(e.content_hash)
+    kept = ordered
+    if options.overlength == "drop" and overlength:
+        dropped = set(overlength)
+        kept = [e for e in ordered if e.content_hash not in dropped]
+    shuffled = list(kept)
+    random.Random(options.seed).shuffle(shuffled)
+    n_test = split_count(len(shuffled), options.test_fraction)
+    test, train = shuffled[:n_test], shuffled[n_test:]
+    topic_counts = Counter(t for e in kept for t in e.topics if not wanted or t in wanted)
+    counts = {
+        "workspace": len(examples), "filtered": len(filtered), "deduplicated": len(ordered),
+        "overlength": len(overlength), "kept": len(kept), "train": len(train), "test": len(test),
+    }
+    stats = None
+    if count_tokens is not None:
+        stats = {split: token_stats([lengths[e.content_hash] for e in rows]) for split, rows in
+                 (("train", train), ("test", test))}
+    rule = resolve_train_on_inputs(options.train_on_inputs, kept)
+    warnings = _warnings(counts, options, tokenizer if count_tokens else "")
+    digest = hashlib.sha256(json.dumps(options.key(), sort_keys=True).encode())
+    for h in sorted(unique):
+        digest.update(h.encode())
     content_hash = digest.hexdigest()
     dataset_id = "ds_" + content_hash[:24]
-    n = len(ordered)
-    warnings = []
-    if n < 100:
-        warnings.append(f"{n} examples: fewer than 100 well curated examples will not yield the desired results")
-    elif n < 1000:
-        warnings.append(f"{n} examples: at least 1000 examples are recommended for fine-tuning")
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset_id": dataset_id,
         "content_hash": content_hash,
-        "kind": kind,
-        "method": method,
-        "base_model": base_model,
+        "kind": options.kind,
+        "method": options.method,
+        "base_model": options.base_model,
         "topics": sorted(wanted) or "all",
-        "split": {"seed": seed, "test_fraction": test_fraction, "algorithm": SPLIT_ALGORITHM},
-        "counts": {"filtered": len(filtered), "after_dedupe": n, "train": len(train), "test": len(test)},
+        "split": {"seed": options.seed, "test_fraction": options.test_fraction, "algorithm": SPLIT_ALGORITHM},
+        "counts": counts,
         "topic_counts": dict(sorted(topic_counts.items())),
+        "tokens": {"tokenizer": tokenizer if count_tokens else None, "context_length": options.context_length,
+                   "overlength_policy": options.overlength, "overlength_hashes": overlength, "splits": stats},
+        "train_on_inputs": {"setting": options.train_on_inputs, "resolved": rule},
         "warnings": warnings,
         "files": {"train": "train.jsonl", "test": "test.jsonl"},
         "train_hashes": [e.content_hash for e in train],
         "test_hashes": [e.content_hash for e in test],
     }
-    return Snapshot(dataset_id, content_hash, kind, train, test, len(filtered), dict(topic_counts), warnings, manifest)
+    return Snapshot(dataset_id, content_hash, options, train, test, counts, dict(topic_counts), stats, rule,
+                    warnings, manifest, tokenizer if count_tokens else "")
 
 
-def jsonl(examples: list[StoredExample]) -> bytes:
-    lines = [
-        json.dumps(formats.to_universal(e.format, e.body), ensure_ascii=False, sort_keys=False)
-        for e in examples
-    ]
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+def _warnings(counts: dict[str, int], options: BuildOptions, tokenizer: str) -> list[str]:
+    n = counts["kept"]
+    out = []
+    if n < 100:
+        out.append(f"{n} examples: fine-tuning with fewer than 100 well curated examples will not yield "
+                   "the desired results")
+    elif n < 1000:
+        out.append(f"{n} examples: at least 1000 examples are recommended for fine-tuning")
+    if n < 500 and options.max_epochs > 5:
+        out.append(f"{n} examples with max_epochs={options.max_epochs}: for fewer than 500 examples, "
+                   "reduce epochs to 3-5 to avoid overfitting")
+    if counts["overlength"]:
+        verb = "dropped" if options.overlength == "drop" else "kept and will be truncated to the context length"
+        out.append(f"{counts['overlength']} examples are longer than the {options.context_length}-token context "
+                   f"of {options.base_model}: {verb} (their hashes are in manifest.json)")
+    if not tokenizer:
+        out.append(f"no tokenizer for {options.base_model} in the model store: token statistics and the "
+                   "over-length check were skipped")
+    return out
+
+
+def describe_counts(counts: dict[str, int], options: BuildOptions) -> str:
+    """Every step's count, for messages such as the min_examples refusal."""
+    topics = ", ".join(sorted(options.topics)) or "all topics"
+    text = (f"{counts['workspace']} examples in the workspace -> {counts['filtered']} {options.kind} "
+            f"examples in {topics} -> {counts['deduplicated']} after removing duplicates")
+    if counts["overlength"] and options.overlength == "drop":
+        text += f" -> {counts['kept']} after dropping {counts['overlength']} over-length"
+    return text + f" -> {counts['train']} train / {counts['test']} test"
+
+
+def jsonl(examples: Sequence[StoredExample]) -> bytes:
+    if not examples:
+        return b""
+    return ("\n".join(json.dumps(e.body, ensure_ascii=False) for e in examples) + "\n").encode()

@@ -24,6 +24,12 @@ KIND_OF_FORMAT = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
+KNOWN_KEYS = {
+    FORMAT_CONVERSATION: {"messages", "tools"},
+    FORMAT_INSTRUCTION: {"prompt", "completion"},
+    FORMAT_TEXT: {"text"},
+    FORMAT_PREFERENCE: set(),
+}
 MAX_LINE_BYTES = 1_000_000
 
 
@@ -189,6 +195,63 @@ def _check_output(value: Any, line: int, path: str, errors: _Errors) -> None:
         errors.add(line, path, "content_not_string", f"{path} must be a string or a list of assistant messages")
 
 
+def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI form: tool-call arguments as compact JSON strings (objects are encoded)."""
+    out = []
+    for msg in messages:
+        if msg.get("tool_calls"):
+            msg = dict(msg)
+            calls = []
+            for call in msg["tool_calls"]:
+                call = dict(call)
+                fn = dict(call["function"])
+                args = fn.get("arguments")
+                if not isinstance(args, str):
+                    fn["arguments"] = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+                call["function"] = fn
+                call.setdefault("type", "function")
+                calls.append(call)
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out
+
+
+def _output_messages(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return _normalise_messages(value)
+
+
+def universal(fmt: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """The universal form of a validated example: OpenAI chat for SFT data, OpenAI preference
+    format for DPO pairs, ``{"text"}`` for plain text. Stored, hashed and downloaded as is."""
+    if fmt == FORMAT_CONVERSATION:
+        body: dict[str, Any] = {"messages": _normalise_messages(obj["messages"])}
+        if obj.get("tools"):
+            body["tools"] = obj["tools"]
+        return body
+    if fmt == FORMAT_INSTRUCTION:
+        return {"messages": [{"role": "user", "content": obj["prompt"]},
+                             {"role": "assistant", "content": obj["completion"]}]}
+    if fmt == FORMAT_TEXT:
+        return {"text": obj["text"]}
+    if "input" in obj:
+        inp = {"messages": _normalise_messages(obj["input"]["messages"])}
+        if obj["input"].get("tools"):
+            inp["tools"] = obj["input"]["tools"]
+        chosen, rejected = obj["preferred_output"], obj["non_preferred_output"]
+    else:
+        prompt = obj.get("prompt")
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = _normalise_messages(prompt or [])
+        inp = {"messages": messages}
+        chosen, rejected = obj["chosen"], obj["rejected"]
+    return {"input": inp, "preferred_output": _output_messages(chosen),
+            "non_preferred_output": _output_messages(rejected)}
+
+
 def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tuple[ParsedExample | None, list[LineError]]:
     """Validate one JSONL line. Returns the example or the errors (never both)."""
     errors = _Errors()
@@ -220,18 +283,19 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
         errors.add(line, "", "unknown_format",
                    'unknown format: expected "messages", "prompt"+"completion", "text", or a preference pair')
         return None, errors
+    known = KNOWN_KEYS[fmt] | ({"input", "preferred_output", "non_preferred_output", "prompt", "chosen", "rejected"}
+                               if fmt == FORMAT_PREFERENCE else set())
+    for key in obj:
+        if key not in known:
+            errors.add(line, key, "unknown_field",
+                       f"unexpected key {key!r} for a {fmt} example; allowed: {', '.join(sorted(known | {'topics'}))}")
     if fmt == FORMAT_CONVERSATION:
         _check_messages(obj.get("messages"), obj.get("tools"), line, "messages", errors, need_assistant=True)
-        body = {"messages": obj["messages"]}
-        if obj.get("tools"):
-            body["tools"] = obj["tools"]
     elif fmt == FORMAT_INSTRUCTION:
         _check_string(obj, "prompt", line, errors)
         _check_string(obj, "completion", line, errors)
-        body = {"prompt": obj.get("prompt"), "completion": obj.get("completion")}
     elif fmt == FORMAT_TEXT:
         _check_string(obj, "text", line, errors)
-        body = {"text": obj.get("text")}
     else:
         if "input" in obj or "preferred_output" in obj:
             inp = obj.get("input")
@@ -242,7 +306,6 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
             chosen, rejected = obj.get("preferred_output"), obj.get("non_preferred_output")
             _check_output(chosen, line, "preferred_output", errors)
             _check_output(rejected, line, "non_preferred_output", errors)
-            body = {"input": inp, "preferred_output": chosen, "non_preferred_output": rejected}
         else:
             chosen, rejected = obj.get("chosen"), obj.get("rejected")
             prompt = obj.get("prompt")
@@ -252,25 +315,37 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
                 errors.add(line, "prompt", "content_not_string", "prompt must be a string or messages")
             _check_output(chosen, line, "chosen", errors)
             _check_output(rejected, line, "rejected", errors)
-            body = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if not errors and canonical({"x": chosen}) == canonical({"x": rejected}):
-            errors.add(line, "preferred_output" if "preferred_output" in body else "chosen",
+        if not errors and canonical({"x": _output_messages(chosen)}) == canonical({"x": _output_messages(rejected)}):
+            errors.add(line, "preferred_output" if "preferred_output" in obj else "chosen",
                        "identical_preference", "the preferred and non-preferred outputs are identical")
     if errors:
         return None, errors
+    body = universal(fmt, obj)
     topics = tuple(sorted({t.strip() for t in (*topics_raw, *extra_topics)}))
     text = canonical(body)
     return ParsedExample(line=line, format=fmt, body=body, topics=topics,
                          content_hash=hashlib.sha256(text.encode()).hexdigest(), canonical_json=text), []
 
 
-def to_universal(fmt: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The universal (OpenAI chat) form of a stored example, as written to train/test JSONL."""
-    if fmt == FORMAT_CONVERSATION:
-        return body
-    if fmt == FORMAT_INSTRUCTION:
-        return {"messages": [{"role": "user", "content": body["prompt"]},
-                             {"role": "assistant", "content": body["completion"]}]}
-    if fmt == FORMAT_TEXT:
-        return {"text": body["text"]}
-    return body
+class FileValidator:
+    """Validates the lines of one file in order; a file holds one format, set by its first valid
+    example: a line of another format is an error naming both lines."""
+
+    def __init__(self, extra_topics: tuple[str, ...] = ()):
+        self.extra_topics = extra_topics
+        self.format: str | None = None
+        self.format_line = 0
+
+    def line(self, raw: bytes, line: int) -> tuple[ParsedExample | None, list[LineError]]:
+        example, errors = parse_line(raw, line, self.extra_topics)
+        if example is None:
+            return None, errors
+        if self.format is None:
+            self.format, self.format_line = example.format, line
+        elif example.format != self.format:
+            return None, [LineError(
+                line, "", "mixed_formats",
+                f"this line is a {example.format} example but the file's first example (line "
+                f"{self.format_line}) is a {self.format}; put each format in its own file",
+            )]
+        return example, []

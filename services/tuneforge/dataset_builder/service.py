@@ -9,24 +9,27 @@ import uuid
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as pb
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2_grpc as pb_grpc
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core import subjects
+from tuneforge.core.db import utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.dataset_builder import builder, formats
+from tuneforge.dataset_builder.tokens import TokenCounter
 from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow
 from tuneforge.plugins import get_registry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DatasetBuilderService"].full_name
 MAX_REPORTED_ERRORS = 1000
+MAX_IMPORT_BYTES = 1024 * 2**20
 DOWNLOAD_CHUNK = 256 * 1024
 
 
@@ -44,6 +47,7 @@ class DatasetBuilder(BaseService):
         super().__init__(settings)
         self.store = ArtifactStore(settings.resolved_artifact_url())
         self._build_lock = asyncio.Lock()
+        self._counters: dict[str, TokenCounter | None] = {}
 
     def grpc_services(self):
         return [(pb_grpc.add_DatasetBuilderServiceServicer_to_server, DatasetBuilderServicer(self), SERVICE_NAME)]
@@ -57,6 +61,7 @@ class DatasetBuilder(BaseService):
             summary, _files = await self.build(
                 meta.workspace_id, list(event.topics), event.method, event.dataset_kind,
                 event.base_model, event.test_fraction, event.seed,
+                event.train_on_inputs, event.overlength_policy, event.max_epochs,
             )
         except ServiceError as exc:
             failed = ev.DatasetBuildFailed(
@@ -98,29 +103,48 @@ class DatasetBuilder(BaseService):
             for i, h, fmt, body in rows
         ]
 
-    async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed):
+    def token_counter(self, base_model: str):
+        """The base model's tokenizer from the model store (cached), or None when absent."""
+        if base_model not in self._counters:
+            spec = get_registry().base_model(base_model)
+            self._counters[base_model] = TokenCounter.for_model(
+                self.settings.resolved_model_store(), base_model, spec.training_chat_template)
+        return self._counters[base_model]
+
+    async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed,
+                    train_on_inputs="auto", overlength=common_pb2.OVERLENGTH_POLICY_UNSPECIFIED, max_epochs=0):
         violations = []
         registry = get_registry()
         if method not in registry.methods:
-            violations.append(("method", f"unknown method {method!r}"))
+            violations.append(("method", f"unknown method {method!r}; choose one of {', '.join(sorted(registry.methods))}"))
         elif not kind:
             kind = registry.methods[method].dataset_kind
         if base_model not in registry.base_models:
             violations.append(("base_model", f"unknown base model {base_model!r}"))
         if not 0 < test_fraction <= 0.5:
             violations.append(("test_fraction", "must be in (0, 0.5]"))
+        if (train_on_inputs or "auto") not in ("auto", "true", "false"):
+            violations.append(("train_on_inputs", "one of auto, true, false"))
         if violations:
             raise bad_request("invalid dataset request", violations)
+        spec = registry.base_model(base_model)
+        options = builder.BuildOptions(
+            topics=tuple(sorted(set(topics))), kind=kind, method=method, base_model=base_model,
+            context_length=spec.context_length, test_fraction=test_fraction, seed=seed,
+            train_on_inputs=train_on_inputs or "auto",
+            overlength="truncate" if overlength == common_pb2.OVERLENGTH_POLICY_TRUNCATE else "drop",
+            max_epochs=max_epochs or 20,
+        )
         examples = await self.load_examples(workspace_id)
-        snap = builder.build_snapshot(
-            examples, topics=topics, kind=kind, test_fraction=test_fraction, seed=seed,
-            base_model=base_model, method=method,
+        counter = await asyncio.to_thread(self.token_counter, base_model)
+        snap = await asyncio.to_thread(
+            builder.build_snapshot, examples, options, counter.count if counter else None,
+            counter.name if counter else "",
         )
         if not snap.train:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no {kind} examples match the topics {', '.join(topics) or '(all)'}: "
-                f"{len(examples)} examples in the workspace, {snap.filtered_count} after the topic filter",
+                "no examples to train on: " + builder.describe_counts(snap.counts, options),
             )
         summary = common_pb2.DatasetSummary(
             dataset_id=snap.dataset_id,
@@ -129,10 +153,23 @@ class DatasetBuilder(BaseService):
             test_count=len(snap.test),
             topic_counts=snap.topic_counts,
             warnings=snap.warnings,
-            filtered_count=snap.filtered_count,
+            filtered_count=snap.counts["filtered"],
             kind=kind,
             artifact_path=self.prefix(workspace_id, snap.dataset_id),
+            workspace_example_count=snap.counts["workspace"],
+            deduplicated_count=snap.counts["deduplicated"],
+            overlength_count=snap.counts["overlength"],
+            overlength_policy=(common_pb2.OVERLENGTH_POLICY_TRUNCATE if options.overlength == "truncate"
+                               else common_pb2.OVERLENGTH_POLICY_DROP),
+            train_on_inputs_rule=snap.train_on_inputs_rule,
+            tokenizer=snap.tokenizer,
+            context_length=options.context_length,
         )
+        if snap.token_stats:
+            for split, field in (("train", summary.train_tokens), ("test", summary.test_tokens)):
+                st = snap.token_stats[split]
+                field.CopyFrom(common_pb2.TokenStats(count=st["count"], total=st["total"], mean=st["mean"],
+                                                     p50=st["p50"], p95=st["p95"], max=st["max"]))
         async with self._build_lock:
             async with self.db.session() as session:
                 existing = await session.get(DatasetRow, snap.dataset_id)
@@ -170,96 +207,135 @@ class DatasetBuilder(BaseService):
         return files
 
 
+class _ImportParser:
+    """Splits streamed chunks into lines (which may span chunks) and validates them in order."""
+
+    def __init__(self, options: pb.ImportOptions):
+        self.options = options
+        self.validator = formats.FileValidator(tuple(t.strip() for t in options.topics))
+        self.examples: list[formats.ParsedExample] = []
+        self.errors: list[formats.LineError] = []
+        self.lines_read = 0
+        self._line_no = 0
+        self._buffer = b""
+        self._skipping = False
+
+    def _take(self, raw: bytes) -> None:
+        self._line_no += 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if not raw.strip():
+            return
+        self.lines_read += 1
+        example, errors = self.validator.line(raw, self._line_no)
+        if example is not None:
+            self.examples.append(example)
+        else:
+            self.errors.extend(errors)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._skipping:  # the rest of an over-long line
+            end = chunk.find(b"\n")
+            if end < 0:
+                return
+            chunk = chunk[end + 1:]
+            self._skipping = False
+        self._buffer += chunk
+        *complete, self._buffer = self._buffer.split(b"\n")
+        for raw in complete:
+            self._take(raw)
+        if len(self._buffer) > formats.MAX_LINE_BYTES:
+            # A line past the limit: report it once and skip to its end without holding it.
+            self._take(self._buffer)
+            self._buffer = b""
+            self._skipping = True
+
+    def finish(self) -> None:
+        if self._buffer:
+            self._take(self._buffer)
+            self._buffer = b""
+
+
 class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
     def __init__(self, app: DatasetBuilder):
         self.app = app
 
     async def ImportExamples(self, request_iterator, context):
         workspace = current_workspace()
-        options = pb.ImportOptions()
-        parsed: list[formats.ParsedExample] = []
-        errors: list[formats.LineError] = []
-        buffer = b""
-        line_no = 0
-        lines_read = 0
-        first = True
-
-        def take(raw: bytes) -> None:
-            nonlocal lines_read
-            if not raw.strip():
-                return
-            lines_read += 1
-            example, errs = formats.parse_line(raw.rstrip(b"\r"), line_no, tuple(options.topics))
-            if example is not None:
-                parsed.append(example)
-            errors.extend(errs)
-
+        parser: _ImportParser | None = None
+        received = 0
         async for request in request_iterator:
-            if first:
+            if parser is None:
                 options = request.options
-                first = False
-                bad = [t for t in options.topics if not t.strip() or len(t) > 100]
+                bad = [i for i, t in enumerate(options.topics) if not t.strip() or len(t) > 100]
                 if bad:
-                    raise bad_request("invalid topics", [("options.topics", "a topic is 1-100 characters")])
-            buffer += request.chunk
-            *complete, buffer = buffer.split(b"\n")
-            for raw in complete:
-                line_no += 1
-                take(raw)
-        if buffer:
-            line_no += 1
-            take(buffer)
-        # Several errors on one line count once as a rejected line.
-        rejected_lines = {e.line for e in errors}
-        formats_seen = {p.format for p in parsed}
-        if len({formats.KIND_OF_FORMAT[f] for f in formats_seen}) > 1:
-            errors.append(formats.LineError(0, "", "mixed_formats",
-                                            "the file mixes conversations and preference pairs; import them separately"))
-        response = pb.ImportExamplesResponse(lines_read=lines_read, rejected=len(rejected_lines),
+                    raise bad_request("invalid topics",
+                                      [(f"options.topics[{i}]", "a topic is 1-100 characters") for i in bad])
+                parser = _ImportParser(options)
+            received += len(request.chunk)
+            if received > MAX_IMPORT_BYTES:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"an import is at most {MAX_IMPORT_BYTES // 2**20} MiB; split the file")
+            if request.chunk:
+                await asyncio.to_thread(parser.feed, request.chunk)
+        if parser is None:
+            raise bad_request("empty import", [("options", "the first message must carry the options")])
+        await asyncio.to_thread(parser.finish)
+        errors = parser.errors
+        response = pb.ImportExamplesResponse(lines_read=parser.lines_read, rejected=len({e.line for e in errors}),
                                              error_count=len(errors))
         for e in errors[:MAX_REPORTED_ERRORS]:
             response.errors.add(line=e.line, field=e.field, code=e.code, message=e.message)
-        all_or_nothing = options.mode == pb.IMPORT_MODE_ALL_OR_NOTHING
-        if errors and (all_or_nothing or any(e.code == "mixed_formats" for e in errors)):
+        if errors and parser.options.mode == pb.IMPORT_MODE_ALL_OR_NOTHING:
             return response
+        response.imported, response.duplicates = await self._store(workspace.id, parser)
+        return response
+
+    async def _store(self, workspace_id: str, parser: "_ImportParser") -> tuple[int, int]:
+        """Insert new examples and topic links in one transaction; known hashes only gain topics."""
+        parsed = parser.examples
         imported = duplicates = 0
+        source = parser.options.source_name[:256]
         async with self.app.db.session() as session, session.begin():
-            hashes = [p.content_hash for p in parsed]
             existing: dict[str, str] = {}
-            for i in range(0, len(hashes), 500):
+            hashes = list({p.content_hash for p in parsed})
+            for i in range(0, len(hashes), 900):
                 rows = await session.execute(
                     select(ExampleRow.content_hash, ExampleRow.id).where(
-                        ExampleRow.workspace_id == workspace.id, ExampleRow.content_hash.in_(hashes[i:i + 500])
+                        ExampleRow.workspace_id == workspace_id, ExampleRow.content_hash.in_(hashes[i:i + 900])
                     )
                 )
                 existing.update(dict(rows.all()))
             known_topics: set[tuple[str, str]] = set()
-            if existing:
+            ids = list(existing.values())
+            for i in range(0, len(ids), 900):
                 rows = await session.execute(
                     select(ExampleTopicRow.example_id, ExampleTopicRow.topic).where(
-                        ExampleTopicRow.example_id.in_(list(existing.values()))
-                    )
+                        ExampleTopicRow.example_id.in_(ids[i:i + 900]))
                 )
-                known_topics = set(rows.all())
+                known_topics.update(rows.all())
+            new_rows, topic_rows = [], []
+            now = utcnow()
             for p in parsed:
                 example_id = existing.get(p.content_hash)
                 if example_id is None:
                     example_id = "ex_" + uuid.uuid4().hex[:20]
                     existing[p.content_hash] = example_id
-                    session.add(ExampleRow(
-                        id=example_id, workspace_id=workspace.id, content_hash=p.content_hash, format=p.format,
-                        body=p.canonical_json, source_name=options.source_name[:256], source_line=p.line,
-                    ))
+                    new_rows.append({"id": example_id, "workspace_id": workspace_id, "content_hash": p.content_hash,
+                                     "format": p.format, "body": p.canonical_json, "source_name": source,
+                                     "source_line": p.line, "created_at": now})
                     imported += 1
                 else:
                     duplicates += 1
                 for topic in p.topics:
                     if (example_id, topic) not in known_topics:
                         known_topics.add((example_id, topic))
-                        session.add(ExampleTopicRow(example_id=example_id, topic=topic, workspace_id=workspace.id))
-        response.imported = imported
-        response.duplicates = duplicates
-        return response
+                        topic_rows.append({"example_id": example_id, "topic": topic, "workspace_id": workspace_id})
+            for i in range(0, len(new_rows), 5000):
+                await session.execute(insert(ExampleRow), new_rows[i:i + 5000])
+            for i in range(0, len(topic_rows), 5000):
+                await session.execute(insert(ExampleTopicRow), topic_rows[i:i + 5000])
+        return imported, duplicates
 
     async def ListTopics(self, request, context):
         workspace = current_workspace()
@@ -338,7 +414,8 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
         workspace = current_workspace()
         summary, files = await self.app.build(
             workspace.id, list(request.topics), request.method or "sft", "", request.base_model,
-            request.test_fraction or 0.1, request.seed,
+            request.test_fraction or 0.1, request.seed, request.train_on_inputs or "auto",
+            request.overlength_policy, request.max_epochs,
         )
         return pb.BuildDatasetResponse(dataset=summary, files=[common_pb2.ArtifactFile(**f) for f in files])
 

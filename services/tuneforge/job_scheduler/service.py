@@ -13,6 +13,7 @@ from collections import defaultdict
 import grpc
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.events.v1 import events_pb2 as ev
@@ -71,7 +72,7 @@ class JobScheduler(BaseService):
         }
 
         async def dispatch(subject, message, _msg):
-            await handlers[subject](message)
+            await retry_stale(lambda: handlers[subject](message))
 
         await self.bus.consume("job-scheduler", list(handlers), dispatch)
 
@@ -174,9 +175,9 @@ class JobScheduler(BaseService):
                 self._succeed(session, job)
             elif total < resolved.min_examples:
                 reason = (
-                    f"training needs at least {resolved.min_examples} examples (min_examples); "
-                    f"the topic filter matched {d.filtered_count}, {total} remained after removing "
-                    f"duplicates ({d.train_count} train / {d.test_count} test). Add data or lower min_examples."
+                    f"training needs at least {resolved.min_examples} examples (min_examples) but only {total} "
+                    f"remain: {describe_dataset_counts(d, self._spec(job))}. Add data, widen the topic "
+                    f"filter, or lower min_examples; the dataset itself is ready to download."
                 )
                 self._fail(session, job, reason, common_pb2.FAILURE_KIND_USER)
                 await self._transition(session, job, S.JOB_STATE_FAILED, reason)
@@ -521,6 +522,9 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                     base_model=spec.base_model,
                     test_fraction=resolved.test_fraction,
                     seed=resolved.seed,
+                    train_on_inputs=resolved.train_on_inputs,
+                    overlength_policy=spec.overlength_policy,
+                    max_epochs=resolved.max_epochs,
                 ),
             )
         app._changed_now(job_id)
@@ -554,6 +558,9 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         )
 
     async def CancelJob(self, request, context):
+        return await retry_stale(lambda: self._cancel(request))
+
+    async def _cancel(self, request):
         workspace = current_workspace()
         app = self.app
         async with app.db.session() as session, session.begin():
@@ -665,6 +672,27 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         return pb.GetWorkspaceResponse(
             workspace=pb.Workspace(id=ws.id, name=ws.name, plan=ws.plan, owner_email=ws.owner_email)
         )
+
+
+async def retry_stale(operation, attempts: int = 5):
+    """Run a read-modify-write again when another writer changed the job in between."""
+    for attempt in range(attempts):
+        try:
+            return await operation()
+        except StaleDataError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
+
+
+def describe_dataset_counts(d: common_pb2.DatasetSummary, spec: pb.JobSpec) -> str:
+    """What each step of the dataset build left: workspace → topic filter → dedupe → length → split."""
+    topics = ", ".join(spec.topics) or "all topics"
+    text = (f"{d.workspace_example_count} examples in the workspace -> {d.filtered_count} {d.kind} examples in "
+            f"{topics} -> {d.deduplicated_count} after removing duplicates")
+    if d.overlength_count and d.overlength_policy != common_pb2.OVERLENGTH_POLICY_TRUNCATE:
+        text += f" -> {d.train_count + d.test_count} after dropping {d.overlength_count} over the context length"
+    return text + f" -> {d.train_count} train / {d.test_count} test"
 
 
 def hp_all_modules() -> tuple[str, ...]:

@@ -3,7 +3,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -20,6 +20,12 @@ class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
     FAILURE_KIND_USER: _ClassVar[FailureKind]
     FAILURE_KIND_SYSTEM: _ClassVar[FailureKind]
+
+class OverlengthPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OVERLENGTH_POLICY_UNSPECIFIED: _ClassVar[OverlengthPolicy]
+    OVERLENGTH_POLICY_DROP: _ClassVar[OverlengthPolicy]
+    OVERLENGTH_POLICY_TRUNCATE: _ClassVar[OverlengthPolicy]
 PLAN_UNSPECIFIED: Plan
 PLAN_STARTER: Plan
 PLAN_PRO: Plan
@@ -28,6 +34,25 @@ PLAN_ENTERPRISE: Plan
 FAILURE_KIND_UNSPECIFIED: FailureKind
 FAILURE_KIND_USER: FailureKind
 FAILURE_KIND_SYSTEM: FailureKind
+OVERLENGTH_POLICY_UNSPECIFIED: OverlengthPolicy
+OVERLENGTH_POLICY_DROP: OverlengthPolicy
+OVERLENGTH_POLICY_TRUNCATE: OverlengthPolicy
+
+class TokenStats(_message.Message):
+    __slots__ = ("count", "total", "mean", "p50", "p95", "max")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    P50_FIELD_NUMBER: _ClassVar[int]
+    P95_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    total: int
+    mean: float
+    p50: int
+    p95: int
+    max: int
+    def __init__(self, count: _Optional[int] = ..., total: _Optional[int] = ..., mean: _Optional[float] = ..., p50: _Optional[int] = ..., p95: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("learning_rate", "lr_peak_ratio", "warmup_ratio", "min_examples", "test_fraction", "n_evals", "max_epochs", "n_checkpoints", "batch_size", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_on_inputs", "early_stopping_patience", "seed")
@@ -66,7 +91,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., lr_peak_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., min_examples: _Optional[int] = ..., test_fraction: _Optional[float] = ..., n_evals: _Optional[int] = ..., max_epochs: _Optional[int] = ..., n_checkpoints: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., train_on_inputs: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DatasetSummary(_message.Message):
-    __slots__ = ("dataset_id", "content_hash", "train_count", "test_count", "topic_counts", "warnings", "filtered_count", "kind", "artifact_path")
+    __slots__ = ("dataset_id", "content_hash", "train_count", "test_count", "topic_counts", "warnings", "filtered_count", "kind", "artifact_path", "workspace_example_count", "deduplicated_count", "overlength_count", "overlength_policy", "train_tokens", "test_tokens", "train_on_inputs_rule", "tokenizer", "context_length")
     class TopicCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +108,15 @@ class DatasetSummary(_message.Message):
     FILTERED_COUNT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_POLICY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ON_INPUTS_RULE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     content_hash: str
     train_count: int
@@ -92,7 +126,16 @@ class DatasetSummary(_message.Message):
     filtered_count: int
     kind: str
     artifact_path: str
-    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., topic_counts: _Optional[_Mapping[str, int]] = ..., warnings: _Optional[_Iterable[str]] = ..., filtered_count: _Optional[int] = ..., kind: _Optional[str] = ..., artifact_path: _Optional[str] = ...) -> None: ...
+    workspace_example_count: int
+    deduplicated_count: int
+    overlength_count: int
+    overlength_policy: OverlengthPolicy
+    train_tokens: TokenStats
+    test_tokens: TokenStats
+    train_on_inputs_rule: str
+    tokenizer: str
+    context_length: int
+    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., topic_counts: _Optional[_Mapping[str, int]] = ..., warnings: _Optional[_Iterable[str]] = ..., filtered_count: _Optional[int] = ..., kind: _Optional[str] = ..., artifact_path: _Optional[str] = ..., workspace_example_count: _Optional[int] = ..., deduplicated_count: _Optional[int] = ..., overlength_count: _Optional[int] = ..., overlength_policy: _Optional[_Union[OverlengthPolicy, str]] = ..., train_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., test_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., train_on_inputs_rule: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds")

@@ -148,18 +148,24 @@ class DeleteExamplesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class BuildDatasetRequest(_message.Message):
-    __slots__ = ("topics", "method", "base_model", "test_fraction", "seed")
+    __slots__ = ("topics", "method", "base_model", "test_fraction", "seed", "train_on_inputs", "overlength_policy", "max_epochs")
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ON_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     topics: _containers.RepeatedScalarFieldContainer[str]
     method: str
     base_model: str
     test_fraction: float
     seed: int
-    def __init__(self, topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    train_on_inputs: str
+    overlength_policy: _common_pb2.OverlengthPolicy
+    max_epochs: int
+    def __init__(self, topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_inputs: _Optional[str] = ..., overlength_policy: _Optional[_Union[_common_pb2.OverlengthPolicy, str]] = ..., max_epochs: _Optional[int] = ...) -> None: ...
 
 class BuildDatasetResponse(_message.Message):
     __slots__ = ("dataset", "files")

@@ -43,7 +43,7 @@ class WorkspaceUpdated(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., workspace_id: _Optional[str] = ..., name: _Optional[str] = ..., plan: _Optional[_Union[_common_pb2.Plan, str]] = ..., owner_email: _Optional[str] = ..., api_key_hashes: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DatasetBuildRequested(_message.Message):
-    __slots__ = ("meta", "topics", "method", "dataset_kind", "base_model", "test_fraction", "seed")
+    __slots__ = ("meta", "topics", "method", "dataset_kind", "base_model", "test_fraction", "seed", "train_on_inputs", "overlength_policy", "max_epochs")
     META_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,9 @@ class DatasetBuildRequested(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ON_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     topics: _containers.RepeatedScalarFieldContainer[str]
     method: str
@@ -58,7 +61,10 @@ class DatasetBuildRequested(_message.Message):
     base_model: str
     test_fraction: float
     seed: int
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., dataset_kind: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    train_on_inputs: str
+    overlength_policy: _common_pb2.OverlengthPolicy
+    max_epochs: int
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., dataset_kind: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_inputs: _Optional[str] = ..., overlength_policy: _Optional[_Union[_common_pb2.OverlengthPolicy, str]] = ..., max_epochs: _Optional[int] = ...) -> None: ...
 
 class DatasetBuildSucceeded(_message.Message):
     __slots__ = ("meta", "dataset")

@@ -67,7 +67,7 @@ class ListBaseModelsResponse(_message.Message):
     def __init__(self, base_models: _Optional[_Iterable[_Union[BaseModel, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "description", "topics", "base_model", "method", "hyperparameters", "method_options_json", "notify_email")
+    __slots__ = ("name", "description", "topics", "base_model", "method", "hyperparameters", "method_options_json", "notify_email", "overlength_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class JobSpec(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     METHOD_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     NOTIFY_EMAIL_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     topics: _containers.RepeatedScalarFieldContainer[str]
@@ -84,7 +85,8 @@ class JobSpec(_message.Message):
     hyperparameters: _common_pb2.Hyperparameters
     method_options_json: str
     notify_email: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., method_options_json: _Optional[str] = ..., notify_email: _Optional[str] = ...) -> None: ...
+    overlength_policy: _common_pb2.OverlengthPolicy
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., method_options_json: _Optional[str] = ..., notify_email: _Optional[str] = ..., overlength_policy: _Optional[_Union[_common_pb2.OverlengthPolicy, str]] = ...) -> None: ...
 
 class ValidateJobRequest(_message.Message):
     __slots__ = ("spec",)

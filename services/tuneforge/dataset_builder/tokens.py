@@ -1,0 +1,114 @@
+"""Counting tokens the way the trainer will see them: the base model's chat template rendered
+(as transformers renders it) and the fast tokenizer's batch encoder. No torch, no transformers:
+``tokenizers`` and ``jinja2`` only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+ENCODE_BATCH = 4096
+
+
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}…{% endgeneration %}`` marks assistant output; counting renders the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(fmt)
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """The same environment transformers uses for chat templates."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class TokenCounter:
+    """Tokens per universal-format example with one model's tokenizer and chat template."""
+
+    def __init__(self, tokenizer_file: Path, chat_template: str, special: dict[str, str], name: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.template = compile_template(chat_template)
+        self.bos = special.get("bos_token") or ""
+        self.eos = special.get("eos_token") or ""
+        self.name = name
+
+    @classmethod
+    def for_model(cls, model_store: Path, model_id: str, chat_template: str) -> "TokenCounter | None":
+        folder = Path(model_store) / model_id
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.exists():
+            return None
+        special: dict[str, str] = {}
+        config = folder / "tokenizer_config.json"
+        if config.exists():
+            data = json.loads(config.read_text())
+            for key in ("bos_token", "eos_token"):
+                value = data.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    special[key] = value
+        return cls(tokenizer_file, chat_template, special, name=f"{model_id} ({tokenizer_file.parent.name})")
+
+    def _render_messages(self, messages: list[dict[str, Any]], tools: list | None) -> str:
+        return self.template.render(messages=messages, tools=tools or None, bos_token=self.bos,
+                                    eos_token=self.eos, add_generation_prompt=False)
+
+    def texts(self, example: dict[str, Any]) -> list[str]:
+        """What the trainer tokenizes for one example (two sequences for a preference pair)."""
+        if "messages" in example:
+            return [self._render_messages(example["messages"], example.get("tools"))]
+        if "text" in example:
+            return [self.bos + example["text"] + self.eos]
+        prompt = example["input"]["messages"]
+        tools = example["input"].get("tools")
+        return [self._render_messages(prompt + example["preferred_output"], tools),
+                self._render_messages(prompt + example["non_preferred_output"], tools)]
+
+    def count(self, examples: Sequence[dict[str, Any]]) -> list[int]:
+        """Token count per example (the longer sequence of a preference pair), batch-encoded."""
+        texts: list[str] = []
+        owners: list[int] = []
+        for i, example in enumerate(examples):
+            for text in self.texts(example):
+                texts.append(text)
+                owners.append(i)
+        counts = [0] * len(examples)
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        for start in range(0, len(texts), ENCODE_BATCH):
+            batch = encode(texts[start:start + ENCODE_BATCH], add_special_tokens=False)
+            for owner, encoding in zip(owners[start:start + ENCODE_BATCH], batch):
+                counts[owner] = max(counts[owner], len(encoding.ids))
+        return counts
