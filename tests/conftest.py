@@ -77,3 +77,51 @@ def smtp_server() -> Iterator[SmtpSink]:
         yield sink
     finally:
         controller.stop()
+
+
+# --- the five services in-process (real NATS, real gRPC on loopback, SQLite) ---------------------
+
+ADMIN = "tfadm_test-admin-token"
+
+
+@pytest.fixture
+async def services(tmp_path):
+    """The five services in this event loop with their own nats-server; yields (endpoints, settings)."""
+    from tuneforge.core.settings import SERVICES, Settings
+    from tuneforge.stack import load_service_class
+
+    nats = NatsServerProcess(tmp_path / "nats").start()
+    settings = Settings(data_dir=tmp_path / "state", nats_url=nats.url, admin_token=ADMIN,
+                        **{f"{s.replace('-', '_')}_port": 0 for s in SERVICES})
+    started = []
+    endpoints = {}
+    try:
+        for name in SERVICES:
+            service = load_service_class(name)(settings)
+            port = await service.start(port=0)
+            started.append(service)
+            endpoints[name] = f"127.0.0.1:{port}"
+        yield endpoints, settings
+    finally:
+        for service in reversed(started):
+            await service.stop(grace=0.5)
+        nats.stop()
+
+
+async def workspace(endpoints, plan=None, email="owner@example.com"):
+    """A new workspace (Enterprise unless ``plan``) and clients authenticated with its API key."""
+    from tuneforge import sdk
+    from tuneforge.api.common.v1 import common_pb2
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+    from tuneforge.core.client import Clients
+
+    plan = common_pb2.PLAN_ENTERPRISE if plan is None else plan
+    admin = Clients.connect(endpoints, ADMIN)
+    reply = await admin.job_scheduler.CreateWorkspace(
+        js.CreateWorkspaceRequest(name="W", plan=plan, owner_email=email))
+    await admin.close()
+    clients = Clients.connect(endpoints, reply.api_key)
+    await sdk.wait_until_authorised(clients)
+    return clients
+
+

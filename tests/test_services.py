@@ -18,42 +18,7 @@ from tuneforge.api.notifier.v1 import notifier_service_pb2 as nt
 from tuneforge.api.trainer.v1 import trainer_service_pb2 as tr
 from tuneforge.core.client import Clients
 from tuneforge.core.errors import field_violations
-from tuneforge.core.nats_server import NatsServerProcess
-from tuneforge.core.settings import SERVICES, Settings
-from tuneforge.stack import load_service_class
-
-ADMIN = "tfadm_test-admin-token"
-
-
-@pytest.fixture
-async def services(tmp_path):
-    nats = NatsServerProcess(tmp_path / "nats").start()
-    settings = Settings(data_dir=tmp_path / "state", nats_url=nats.url, admin_token=ADMIN,
-                        **{f"{s.replace('-', '_')}_port": 0 for s in SERVICES})
-    started = []
-    endpoints = {}
-    try:
-        for name in SERVICES:
-            service = load_service_class(name)(settings)
-            port = await service.start(port=0)
-            started.append(service)
-            endpoints[name] = f"127.0.0.1:{port}"
-        yield endpoints, settings
-    finally:
-        for service in reversed(started):
-            await service.stop(grace=0.5)
-        nats.stop()
-
-
-async def workspace(endpoints, plan=common_pb2.PLAN_ENTERPRISE, email="owner@example.com") -> Clients:
-    admin = Clients.connect(endpoints, ADMIN)
-    reply = await admin.job_scheduler.CreateWorkspace(
-        js.CreateWorkspaceRequest(name="W", plan=plan, owner_email=email))
-    await admin.close()
-    clients = Clients.connect(endpoints, reply.api_key)
-    await sdk.wait_until_authorised(clients)
-    return clients
-
+from conftest import ADMIN, workspace  # noqa: F401  (fixture `services` lives in conftest)
 
 def conversations(path, n, topic):
     with open(path, "w") as fh:

@@ -346,6 +346,28 @@ def test_mixed_formats_are_tokenised_per_example(tokenizer):
     assert tokenize_row(rows[0], kinds[0], tokenizer, everything)["labels"] == conv["input_ids"]
 
 
+def test_message_weights_choose_the_assistant_turns_that_carry_loss(tokenizer):
+    """auto + `weight`: an assistant message with weight 0 carries no loss, weight 1 does; the
+    string form of tool-call arguments (the universal format's) renders as is."""
+    from tuneforge_builtin.sft import ROW_CONVERSATION, resolve_loss_rule, tokenize_row
+
+    row = {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Draft answer.", "weight": 0},
+        {"role": "user", "content": "Better?"},
+        {"role": "assistant", "content": "Final answer.", "weight": 1},
+    ]}
+    rule = resolve_loss_rule("auto", {ROW_CONVERSATION})
+    labels = tokenize_row(row, ROW_CONVERSATION, tokenizer, rule)["labels"]
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert [t for t in labels if t != -100] == tokenizer.encode("Final answer.", add_special_tokens=False) + [eot]
+    row["messages"][1]["weight"] = 1
+    labels = tokenize_row(row, ROW_CONVERSATION, tokenizer, rule)["labels"]
+    both = [t for t in labels if t != -100]
+    assert both == (tokenizer.encode("Draft answer.", add_special_tokens=False) + [eot]
+                    + tokenizer.encode("Final answer.", add_special_tokens=False) + [eot])
+
+
 def test_loss_rule_resolution():
     from tuneforge_builtin.sft import ROW_CONVERSATION, ROW_PROMPT_COMPLETION, ROW_TEXT, resolve_loss_rule
 

@@ -183,6 +183,36 @@ def build_dataset(rows: list[dict[str, Any]], kind: str):
     raise ValueError(f"unknown row kind {kind!r}")
 
 
+def has_message_weights(rows: list[dict[str, Any]]) -> bool:
+    return any("weight" in m for r in rows for m in (r.get("messages") or []) if isinstance(m, dict))
+
+
+def apply_message_weights(mask: list[int], messages: list[dict[str, Any]]) -> list[int]:
+    """Zero the assistant-token mask of messages with ``weight`` 0. The chat template wraps each
+    assistant message in its own generation block, separated by header tokens, so the k-th run of
+    marked tokens is the k-th assistant message."""
+    weights = [m.get("weight", 1) for m in messages if m.get("role") == "assistant"]
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j < len(mask) and mask[j]:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    if len(runs) != len(weights):
+        raise ValueError(f"{len(runs)} assistant spans for {len(weights)} assistant messages: the chat "
+                         "template must put each assistant message in its own generation block")
+    out = list(mask)
+    for (start, end), weight in zip(runs, weights):
+        if not weight:
+            out[start:end] = [0] * (end - start)
+    return out
+
+
 def tokenize_row(row: dict[str, Any], kind: str, tokenizer, rule: LossRule) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` of one example, with TRL's conventions (used for files that
     mix formats, which TRL cannot take in one dataset)."""
@@ -197,6 +227,8 @@ def tokenize_row(row: dict[str, Any], kind: str, tokenizer, rule: LossRule) -> d
         out = chat(row["messages"], return_assistant_tokens_mask=rule.assistant_only)
         ids = list(out["input_ids"])
         mask = out["assistant_masks"] if rule.assistant_only else [1] * len(ids)
+        if rule.assistant_only:
+            mask = apply_message_weights(list(mask), row["messages"])
         return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)]}
     if kind == ROW_TEXT:
         text = row["text"] if row["text"].endswith(eos) else row["text"] + eos
@@ -471,14 +503,18 @@ class SupervisedFineTuning:
         max_positions = getattr(model.config, "max_position_embeddings", None) or context.base_model.context_length
         max_length = min(context.base_model.context_length, max_positions)
 
-        if len(kinds) == 1:
+        weighted = rule.assistant_only and has_message_weights(train_rows + test_rows)
+        if weighted:
+            log.info("job %s: assistant messages weighted by their `weight` (0 or 1)", context.job_id)
+        if len(kinds) == 1 and not weighted:
             (kind,) = kinds
             train_dataset = build_dataset(train_rows, kind)
             eval_dataset = build_dataset(test_rows, kind) if test_rows else None
             assistant_only_loss = rule.assistant_only and kind == ROW_CONVERSATION
             completion_only_loss = rule.completion_only if kind != ROW_CONVERSATION and kind != ROW_TEXT else None
         else:
-            log.info("job %s: mixed example formats %s, tokenising per example", context.job_id, sorted(kinds))
+            log.info("job %s: %s, tokenising per example", context.job_id,
+                     "message weights" if weighted else f"mixed example formats {sorted(kinds)}")
             train_dataset = pretokenized_dataset(train_rows, train_kinds, tokenizer, rule)
             eval_dataset = pretokenized_dataset(test_rows, test_kinds, tokenizer, rule) if test_rows else None
             assistant_only_loss, completion_only_loss = False, False

@@ -153,6 +153,46 @@ def cmd_data_import(args) -> int:
     return _run(run())
 
 
+def cmd_data_topics(args) -> int:
+    from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
+
+    async def run():
+        clients = _clients(args)
+        try:
+            reply = await clients.dataset_builder.ListTopics(dsb.ListTopicsRequest())
+        finally:
+            await clients.close()
+        for t in reply.topics:
+            formats = ", ".join(f"{k} {v}" for k, v in sorted(t.format_counts.items()))
+            print(f"{t.topic:30s} {t.example_count:8d}  ({formats})")
+        print(f"{'total examples':30s} {reply.total_examples:8d}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_dataset_build(args) -> int:
+    from google.protobuf import json_format
+
+    from tuneforge.api.common.v1 import common_pb2
+    from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
+
+    async def run():
+        clients = _clients(args)
+        try:
+            reply = await clients.dataset_builder.BuildDataset(dsb.BuildDatasetRequest(
+                topics=args.topic or [], method=args.method, base_model=args.base_model,
+                test_fraction=args.test_fraction, seed=args.seed, train_on_inputs=args.train_on_inputs,
+                overlength_policy=common_pb2.OverlengthPolicy.Value(f"OVERLENGTH_POLICY_{args.overlength.upper()}"),
+                max_epochs=args.max_epochs), timeout=600)
+        finally:
+            await clients.close()
+        print(json.dumps(json_format.MessageToDict(reply.dataset), indent=2))
+        return 0
+
+    return _run(run())
+
+
 def _parse_sets(pairs: list[str]):
     from tuneforge.api.common.v1 import common_pb2
 
@@ -175,6 +215,7 @@ def _parse_sets(pairs: list[str]):
 
 
 def cmd_job_create(args) -> int:
+    from tuneforge.api.common.v1 import common_pb2
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 
     async def run():
@@ -182,7 +223,9 @@ def cmd_job_create(args) -> int:
         try:
             spec = js.JobSpec(name=args.name, description=args.description or "", topics=args.topic or [],
                               base_model=args.base_model, method=args.method,
-                              hyperparameters=_parse_sets(args.set or []), notify_email=args.notify or "")
+                              hyperparameters=_parse_sets(args.set or []), notify_email=args.notify or "",
+                              overlength_policy=common_pb2.OverlengthPolicy.Value(
+                                  f"OVERLENGTH_POLICY_{args.overlength.upper()}"))
             reply = await clients.job_scheduler.CreateJob(js.CreateJobRequest(spec=spec))
         finally:
             await clients.close()
@@ -297,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-or-nothing", action="store_true", help="store nothing unless every line is valid")
     p.set_defaults(fn=cmd_data_import)
 
+    p = data.add_parser("topics", help="topics with example counts per format")
+    p.set_defaults(fn=cmd_data_topics)
+
     jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="sub", required=True)
     p = jobs.add_parser("create", help="create a job")
     p.add_argument("--name", required=True)
@@ -306,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", action="append", help="topic filter (repeatable; default all)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter (repeatable)")
     p.add_argument("--notify", help="email to notify (default: workspace owner)")
+    p.add_argument("--overlength", choices=["drop", "truncate"], default="drop",
+                   help="examples over the base model's context length (default drop)")
     p.set_defaults(fn=cmd_job_create)
     p = jobs.add_parser("watch", help="follow a job until it ends")
     p.add_argument("job_id")
@@ -315,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_job_get)
 
     ds = sub.add_parser("datasets", help="dataset snapshots").add_subparsers(dest="sub", required=True)
+    p = ds.add_parser("build", help="build (or find) a dataset snapshot without a job")
+    p.add_argument("--base-model", required=True)
+    p.add_argument("--method", default="sft")
+    p.add_argument("--topic", action="append", help="topic filter (repeatable; default all)")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--train-on-inputs", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--overlength", choices=["drop", "truncate"], default="drop")
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.set_defaults(fn=cmd_dataset_build)
     p = ds.add_parser("download", help="download a snapshot's files")
     p.add_argument("dataset_id")
     p.add_argument("dir")

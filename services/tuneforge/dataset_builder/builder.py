@@ -15,7 +15,7 @@ from typing import Any
 from tuneforge.dataset_builder import formats
 
 FORMAT_VERSION = 1
-SPLIT_ALGORITHM = "sort by content hash, then random.Random(seed).shuffle, first round(test_fraction*n) are test"
+SPLIT_ALGORITHM = "sort by content hash, then random.Random(seed).shuffle; the first floor(test_fraction*n + 0.5) are test"
 OVERLENGTH_POLICIES = ("drop", "truncate")
 
 
@@ -64,8 +64,9 @@ class Snapshot:
 
 
 def split_count(n: int, test_fraction: float) -> int:
-    """Examples held out: round(test_fraction × n), at least 1 when there are 2 or more."""
-    n_test = round(test_fraction * n)
+    """Examples held out: test_fraction × n rounded half up (12.5 -> 13, not Python's banker's
+    rounding), at least 1 when there are 2 or more, and never all of them."""
+    n_test = math.floor(test_fraction * n + 0.5 + 1e-9)
     if n >= 2:
         n_test = max(1, min(n - 1, n_test))
     return n_test
@@ -94,7 +95,7 @@ def resolve_train_on_inputs(setting: str, examples: Sequence[StoredExample]) -> 
     for e in examples:
         if "text" in e.body:
             kinds.add("text")
-        elif setting == "auto" and any("weight" in m for m in e.body["messages"]):
+        elif any("weight" in m for m in e.body["messages"]):
             kinds.add("weights")
         else:
             kinds.add("conversation")
