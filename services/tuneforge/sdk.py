@@ -12,6 +12,7 @@ import grpc
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
+from tuneforge.api.notifier.v1 import notifier_service_pb2 as nt
 from tuneforge.core.client import Clients
 
 CHUNK = 256 * 1024
@@ -43,8 +44,7 @@ async def wait_until_authorised(clients: Clients, timeout: float = 30.0) -> None
         lambda: clients.dataset_builder.ListTopics(dsb.ListTopicsRequest()),
         lambda: clients.job_scheduler.GetWorkspace(js.GetWorkspaceRequest()),
         lambda: clients.model_registry.ListModels(mr.ListModelsRequest(page_size=1)),
-        lambda: clients.notifier.ListDeliveries(__import__(
-            "tuneforge.api.notifier.v1.notifier_service_pb2", fromlist=["x"]).ListDeliveriesRequest(page_size=1)),
+        lambda: clients.notifier.ListDeliveries(nt.ListDeliveriesRequest(page_size=1)),
     ]
     for check in checks:
         while True:

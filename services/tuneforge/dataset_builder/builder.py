@@ -152,7 +152,8 @@ def build_snapshot(
                  (("train", train), ("test", test))}
     rule = resolve_train_on_inputs(options.train_on_inputs, kept)
     warnings = _warnings(counts, options, tokenizer if count_tokens else "")
-    digest = hashlib.sha256(json.dumps(options.key(), sort_keys=True).encode())
+    key = {**options.key(), "tokenizer": tokenizer if count_tokens else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for h in sorted(unique):
         digest.update(h.encode())
     content_hash = digest.hexdigest()

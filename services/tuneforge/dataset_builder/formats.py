@@ -31,6 +31,7 @@ KNOWN_KEYS = {
     FORMAT_PREFERENCE: set(),
 }
 MAX_LINE_BYTES = 1_000_000
+MAX_TOPIC_LENGTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,19 +52,44 @@ class ParsedExample:
     canonical_json: str
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        self.key = key
-        super().__init__(key)
+class _DupDict(dict):
+    """An object that had a key twice (the hook runs inside-out, so the path is found afterwards)."""
+
+    duplicate: str = ""
 
 
-def _no_duplicates(pairs):
-    out = {}
+def _pairs_hook(pairs):
+    out = _DupDict() if len({k for k, _ in pairs}) != len(pairs) else {}
     for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
+        if key in out and isinstance(out, _DupDict) and not out.duplicate:
+            out.duplicate = key
         out[key] = value
     return out
+
+
+def _find_duplicate(value: Any, path: str = "") -> str | None:
+    if isinstance(value, _DupDict):
+        return f"{path}.{value.duplicate}" if path else value.duplicate
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_duplicate(item, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_duplicate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(text: str) -> Any:
+    """Strict JSON: no NaN/Infinity; objects with a repeated key come back as _DupDict."""
+    return json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=_no_constants)
 
 
 def canonical(body: dict[str, Any]) -> str:
@@ -91,22 +117,32 @@ class _Errors(list):
         self.append(LineError(line, field, code, message))
 
 
-def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Errors, *, need_assistant: bool) -> None:
+def _tool_names(tools: Any, line: int, tools_path: str, errors: "_Errors | None") -> set[str]:
+    """Names of the declared tools; errors in the declaration are added when ``errors`` is given."""
+    names: set[str] = set()
+    if tools is None:
+        return names
+    if not isinstance(tools, list):
+        if errors is not None:
+            errors.add(line, tools_path, "tools_not_list", "tools must be a list of function definitions")
+        return names
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            if errors is not None:
+                errors.add(line, f"{tools_path}[{i}].function.name", "tool_without_name",
+                           'each tool needs {"type": "function", "function": {"name": ...}}')
+        else:
+            names.add(fn["name"])
+    return names
+
+
+def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Errors, *, need_assistant: bool,
+                    tools_path: str = "tools", report_tools: bool = True) -> None:
     if not isinstance(messages, list) or not messages:
         errors.add(line, path, "messages_not_list", "messages must be a non-empty list of message objects")
         return
-    tool_names: set[str] = set()
-    if tools is not None:
-        if not isinstance(tools, list):
-            errors.add(line, "tools", "tools_not_list", "tools must be a list of function definitions")
-        else:
-            for i, tool in enumerate(tools):
-                fn = tool.get("function") if isinstance(tool, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                    errors.add(line, f"tools[{i}].function.name", "tool_without_name",
-                               'each tool needs {"type": "function", "function": {"name": ...}}')
-                else:
-                    tool_names.add(fn["name"])
+    tool_names = _tool_names(tools, line, tools_path, errors if report_tools else None)
     open_calls: set[str] = set()
     has_assistant = False
     for i, msg in enumerate(messages):
@@ -145,7 +181,7 @@ def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Er
                     args = fn.get("arguments")
                     if isinstance(args, str):
                         try:
-                            parsed = json.loads(args)
+                            parsed = loads(args)
                         except ValueError:
                             errors.add(line, f"{cpath}.function.arguments", "invalid_tool_arguments",
                                        "arguments must be valid JSON (an object)")
@@ -185,12 +221,12 @@ def _check_string(obj: dict, key: str, line: int, errors: _Errors, path: str | N
         errors.add(line, path or key, "empty_content", f"{key} is empty")
 
 
-def _check_output(value: Any, line: int, path: str, errors: _Errors) -> None:
+def _check_output(value: Any, line: int, path: str, errors: _Errors, tools: Any = None) -> None:
     if isinstance(value, str):
         if not value.strip():
             errors.add(line, path, "empty_content", f"{path} is empty")
     elif isinstance(value, list):
-        _check_messages(value, None, line, path, errors, need_assistant=True)
+        _check_messages(value, tools, line, path, errors, need_assistant=True, report_tools=False)
     else:
         errors.add(line, path, "content_not_string", f"{path} must be a string or a list of assistant messages")
 
@@ -206,8 +242,9 @@ def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 call = dict(call)
                 fn = dict(call["function"])
                 args = fn.get("arguments")
-                if not isinstance(args, str):
-                    fn["arguments"] = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+                if isinstance(args, str):
+                    args = json.loads(args)  # validated: a JSON object
+                fn["arguments"] = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
                 call["function"] = fn
                 call.setdefault("type", "function")
                 calls.append(call)
@@ -256,7 +293,8 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
     """Validate one JSONL line. Returns the example or the errors (never both)."""
     errors = _Errors()
     if len(raw) > MAX_LINE_BYTES:
-        errors.add(line, "", "line_too_long", f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+        errors.add(line, "", "line_too_long", f"line is longer than the limit of {MAX_LINE_BYTES} bytes (at least {len(raw)}); "
+                   "split the example or shorten it")
         return None, errors
     try:
         text = raw.decode("utf-8")
@@ -264,19 +302,24 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
         errors.add(line, "", "not_utf8", f"line is not valid UTF-8 (byte {exc.start}); save the file as UTF-8")
         return None, errors
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        errors.add(line, exc.key, "duplicate_key", f"key {exc.key!r} appears twice in one object")
-        return None, errors
+        obj = loads(text)
     except ValueError as exc:
         errors.add(line, "", "invalid_json", f"not valid JSON: {exc}")
+        return None, errors
+    duplicate = _find_duplicate(obj)
+    if duplicate:
+        key = duplicate.rsplit(".", 1)[-1]
+        errors.add(line, duplicate, "duplicate_key", f"key {key!r} appears twice in one object; keep one")
         return None, errors
     if not isinstance(obj, dict):
         errors.add(line, "", "not_object", "each line must be one JSON object")
         return None, errors
     topics_raw = obj.pop("topics", [])
-    if not isinstance(topics_raw, list) or not all(isinstance(t, str) and t.strip() for t in topics_raw):
-        errors.add(line, "topics", "invalid_topics", "topics must be a list of non-empty strings")
+    if not isinstance(topics_raw, list) or not all(
+        isinstance(t, str) and t.strip() and len(t.strip()) <= MAX_TOPIC_LENGTH for t in topics_raw
+    ):
+        errors.add(line, "topics", "invalid_topics",
+                   f"topics must be a list of non-empty strings of at most {MAX_TOPIC_LENGTH} characters")
         topics_raw = []
     fmt = detect_format(obj)
     if fmt is None:
@@ -302,10 +345,11 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
             if not isinstance(inp, dict):
                 errors.add(line, "input", "invalid_preference", 'input must be {"messages": [...]}')
                 return None, errors
-            _check_messages(inp.get("messages"), inp.get("tools"), line, "input.messages", errors, need_assistant=False)
+            _check_messages(inp.get("messages"), inp.get("tools"), line, "input.messages", errors,
+                            need_assistant=False, tools_path="input.tools")
             chosen, rejected = obj.get("preferred_output"), obj.get("non_preferred_output")
-            _check_output(chosen, line, "preferred_output", errors)
-            _check_output(rejected, line, "non_preferred_output", errors)
+            _check_output(chosen, line, "preferred_output", errors, inp.get("tools"))
+            _check_output(rejected, line, "non_preferred_output", errors, inp.get("tools"))
         else:
             chosen, rejected = obj.get("chosen"), obj.get("rejected")
             prompt = obj.get("prompt")
@@ -328,8 +372,10 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
 
 
 class FileValidator:
-    """Validates the lines of one file in order; a file holds one format, set by its first valid
-    example: a line of another format is an error naming both lines."""
+    """Validates the lines of one file in order. A file holds one kind of data, set by its first
+    valid example: SFT data (conversations, instruction pairs, plain text — the kinds a universal
+    train.jsonl may hold together) or preference pairs; a line of the other kind is an error
+    naming both lines."""
 
     def __init__(self, extra_topics: tuple[str, ...] = ()):
         self.extra_topics = extra_topics
@@ -342,10 +388,10 @@ class FileValidator:
             return None, errors
         if self.format is None:
             self.format, self.format_line = example.format, line
-        elif example.format != self.format:
+        elif KIND_OF_FORMAT[example.format] != KIND_OF_FORMAT[self.format]:
             return None, [LineError(
                 line, "", "mixed_formats",
                 f"this line is a {example.format} example but the file's first example (line "
-                f"{self.format_line}) is a {self.format}; put each format in its own file",
+                f"{self.format_line}) is a {self.format}; put SFT data and preference pairs in separate files",
             )]
         return example, []

@@ -39,8 +39,9 @@ class ExampleTopicRow(Base):
 class DatasetRow(Base):
     __tablename__ = "datasets"
 
+    # Content-addressed: two workspaces with the same data and settings get the same id.
+    workspace_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    workspace_id: Mapped[str] = mapped_column(String(64), index=True)
     summary: Mapped[bytes] = mapped_column(LargeBinary)  # common.v1.DatasetSummary
     files: Mapped[str] = mapped_column(Text)  # JSON list of {path, size_bytes, sha256}
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -47,7 +47,7 @@ class DatasetBuilder(BaseService):
         super().__init__(settings)
         self.store = ArtifactStore(settings.resolved_artifact_url())
         self._build_lock = asyncio.Lock()
-        self._counters: dict[str, TokenCounter | None] = {}
+        self._counters: dict[str, tuple[int, TokenCounter | None]] = {}
 
     def grpc_services(self):
         return [(pb_grpc.add_DatasetBuilderServiceServicer_to_server, DatasetBuilderServicer(self), SERVICE_NAME)]
@@ -105,11 +105,18 @@ class DatasetBuilder(BaseService):
 
     def token_counter(self, base_model: str):
         """The base model's tokenizer from the model store (cached), or None when absent."""
-        if base_model not in self._counters:
+        folder = self.settings.resolved_model_store() / base_model
+        try:
+            stamp = (folder / "tokenizer.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            return None  # looked up again next time: the weights may arrive later
+        cached = self._counters.get(base_model)
+        if cached is None or cached[0] != stamp:
             spec = get_registry().base_model(base_model)
-            self._counters[base_model] = TokenCounter.for_model(
-                self.settings.resolved_model_store(), base_model, spec.training_chat_template)
-        return self._counters[base_model]
+            cached = (stamp, TokenCounter.for_model(self.settings.resolved_model_store(), base_model,
+                                                    spec.training_chat_template))
+            self._counters[base_model] = cached
+        return cached[1]
 
     async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed,
                     train_on_inputs="auto", overlength=common_pb2.OVERLENGTH_POLICY_UNSPECIFIED, max_epochs=0):
@@ -172,8 +179,8 @@ class DatasetBuilder(BaseService):
                                                      p50=st["p50"], p95=st["p95"], max=st["max"]))
         async with self._build_lock:
             async with self.db.session() as session:
-                existing = await session.get(DatasetRow, snap.dataset_id)
-            if existing is not None and existing.workspace_id == workspace_id:
+                existing = await session.get(DatasetRow, (workspace_id, snap.dataset_id))
+            if existing is not None:
                 return common_pb2.DatasetSummary.FromString(existing.summary), json.loads(existing.files)
             files = await asyncio.to_thread(self._write, workspace_id, snap)
             async with self.db.session() as session, session.begin():
@@ -234,6 +241,8 @@ class _ImportParser:
             self.errors.extend(errors)
 
     def feed(self, chunk: bytes) -> None:
+        if self._line_no == 0 and not self._buffer and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]  # a UTF-8 byte-order mark, as some editors write
         if self._skipping:  # the rest of an over-long line
             end = chunk.find(b"\n")
             if end < 0:
@@ -422,8 +431,8 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
     async def _dataset(self, dataset_id: str) -> DatasetRow:
         workspace = current_workspace()
         async with self.app.db.session() as session:
-            row = await session.get(DatasetRow, dataset_id) if dataset_id else None
-        if row is None or row.workspace_id != workspace.id:
+            row = await session.get(DatasetRow, (workspace.id, dataset_id)) if dataset_id else None
+        if row is None:
             raise not_found(f"dataset {dataset_id!r}")
         return row
 
