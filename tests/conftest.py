@@ -84,6 +84,12 @@ def smtp_server() -> Iterator[SmtpSink]:
 ADMIN = "tfadm_test-admin-token"
 
 
+class ServicesHandle(tuple):
+    """``(endpoints, settings)``, plus ``.apps``: the service objects by name (for fault injection)."""
+
+    apps: dict
+
+
 @pytest.fixture
 async def services(tmp_path):
     """The five services in this event loop with their own nats-server; yields (endpoints, settings)."""
@@ -101,7 +107,9 @@ async def services(tmp_path):
             port = await service.start(port=0)
             started.append(service)
             endpoints[name] = f"127.0.0.1:{port}"
-        yield endpoints, settings
+        handle = ServicesHandle((endpoints, settings))
+        handle.apps = {s.name: s for s in started}
+        yield handle
     finally:
         for service in reversed(started):
             await service.stop(grace=0.5)

@@ -157,3 +157,28 @@ async def test_cancel_before_training(services, tmp_path):
         assert job.state == js.JOB_STATE_CANCELLED
     finally:
         await clients.close()
+
+
+async def test_a_build_that_keeps_failing_fails_the_job_as_a_system_error(services, tmp_path):
+    """A system fault is retried with back-off, then the job FAILS (it never hangs in BUILDING_DATASET)."""
+    endpoints, _ = services
+    builder = services.apps["dataset-builder"]
+    attempts = []
+
+    def broken_write(*args):
+        attempts.append(1)
+        raise OSError("artifact store unavailable")
+
+    builder._write = broken_write
+    clients = await workspace(endpoints)
+    try:
+        await sdk.import_file(clients, conversations(tmp_path / "a.jsonl", 30, "alpha"))
+        created = await clients.job_scheduler.CreateJob(js.CreateJobRequest(spec=spec()))
+        events = await sdk.watch_job(clients, created.job.id, timeout=60)
+        assert events[-1].state == js.JOB_STATE_FAILED
+        job = (await clients.job_scheduler.GetJob(js.GetJobRequest(job_id=created.job.id))).job
+        assert job.failure_kind == common_pb2.FAILURE_KIND_SYSTEM
+        assert "after 5 attempts" in job.failure_reason and "artifact store unavailable" in job.failure_reason
+        assert len(attempts) == 5
+    finally:
+        await clients.close()

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DatasetBuilderService"].full_name
 MAX_REPORTED_ERRORS = 1000
 MAX_IMPORT_BYTES = 1024 * 2**20
+BUILD_ATTEMPTS = 5  # then the job fails as a system error instead of waiting forever
 DOWNLOAD_CHUNK = 256 * 1024
 
 
@@ -55,7 +56,7 @@ class DatasetBuilder(BaseService):
     async def on_start(self) -> None:
         await self.bus.consume("dataset-builder", [subjects.DATASET_BUILD_REQUESTED], self.on_build_requested)
 
-    async def on_build_requested(self, _subject, event: ev.DatasetBuildRequested, _msg) -> None:
+    async def on_build_requested(self, _subject, event: ev.DatasetBuildRequested, msg) -> None:
         meta = event.meta
         try:
             summary, _files = await self.build(
@@ -70,6 +71,17 @@ class DatasetBuilder(BaseService):
                 failure_kind=common_pb2.FAILURE_KIND_USER,
             )
             await self._emit(subjects.DATASET_BUILD_FAILED, failed)
+            return
+        except Exception as exc:
+            delivered = msg.metadata.num_delivered if msg.metadata else 1
+            if delivered < BUILD_ATTEMPTS:
+                raise  # redelivered with back-off
+            log.exception("dataset build for job %s failed %d times; giving up", meta.job_id, delivered)
+            await self._emit(subjects.DATASET_BUILD_FAILED, ev.DatasetBuildFailed(
+                meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                reason=f"the dataset could not be built after {delivered} attempts: {type(exc).__name__}: {exc}",
+                failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
+            ))
             return
         await self._emit(
             subjects.DATASET_BUILD_SUCCEEDED,
