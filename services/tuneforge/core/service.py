@@ -74,6 +74,12 @@ class BaseService:
         log.info("%s serving on %s:%s", self.name, self.settings.host, self.port)
         return self.port
 
+    async def emit(self, subject: str, message) -> None:
+        """Publish an event through the outbox (in its own transaction)."""
+        async with self.db.session() as session, session.begin():
+            self.outbox.add(session, subject, message)
+        self.outbox.notify()
+
     def spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
         self._tasks.append(task)

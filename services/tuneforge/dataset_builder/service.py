@@ -8,7 +8,6 @@ import logging
 import uuid
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import delete, func, insert, select
 
 from tuneforge.api.common.v1 import common_pb2
@@ -19,6 +18,7 @@ from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.pagination import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.dataset_builder import builder, formats
@@ -33,11 +33,6 @@ MAX_IMPORT_BYTES = 1024 * 2**20
 BUILD_ATTEMPTS = 5  # then the job fails as a system error instead of waiting forever
 DOWNLOAD_CHUNK = 256 * 1024
 
-
-def _ts(value) -> Timestamp:
-    t = Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 class DatasetBuilder(BaseService):
@@ -70,28 +65,23 @@ class DatasetBuilder(BaseService):
                 reason=exc.message,
                 failure_kind=common_pb2.FAILURE_KIND_USER,
             )
-            await self._emit(subjects.DATASET_BUILD_FAILED, failed)
+            await self.emit(subjects.DATASET_BUILD_FAILED, failed)
             return
         except Exception as exc:
             delivered = msg.metadata.num_delivered if msg.metadata else 1
             if delivered < BUILD_ATTEMPTS:
                 raise  # redelivered with back-off
             log.exception("dataset build for job %s failed %d times; giving up", meta.job_id, delivered)
-            await self._emit(subjects.DATASET_BUILD_FAILED, ev.DatasetBuildFailed(
+            await self.emit(subjects.DATASET_BUILD_FAILED, ev.DatasetBuildFailed(
                 meta=self.bus.meta(meta.workspace_id, meta.job_id),
                 reason=f"the dataset could not be built after {delivered} attempts: {type(exc).__name__}: {exc}",
                 failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
             ))
             return
-        await self._emit(
+        await self.emit(
             subjects.DATASET_BUILD_SUCCEEDED,
             ev.DatasetBuildSucceeded(meta=self.bus.meta(meta.workspace_id, meta.job_id), dataset=summary),
         )
-
-    async def _emit(self, subject, message) -> None:
-        async with self.db.session() as session, session.begin():
-            self.outbox.add(session, subject, message)
-        self.outbox.notify()
 
     async def load_examples(self, workspace_id: str) -> list[builder.StoredExample]:
         async with self.db.session() as session:
@@ -381,8 +371,8 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
 
     async def ListExamples(self, request, context):
         workspace = current_workspace()
-        size = min(max(request.page_size or 100, 1), 1000)
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        page = Page.of(request, default=100, maximum=1000)
+        size, offset = page.size, page.offset
         async with self.app.db.session() as session:
             query = select(ExampleRow).where(ExampleRow.workspace_id == workspace.id)
             if request.topic:
@@ -402,11 +392,11 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
                 pb.Example(
                     example_id=r.id, content_hash=r.content_hash, format=r.format,
                     topics=sorted(topics.get(r.id, [])), json=r.body, source_name=r.source_name,
-                    source_line=r.source_line, created_at=_ts(r.created_at),
+                    source_line=r.source_line, created_at=timestamp(r.created_at),
                 )
                 for r in rows[:size]
             ],
-            next_page_token=str(offset + size) if len(rows) > size else "",
+            next_page_token=page.next_token(len(rows)),
         )
 
     async def DeleteExamples(self, request, context):
@@ -453,7 +443,7 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
         return pb.GetDatasetResponse(
             dataset=common_pb2.DatasetSummary.FromString(row.summary),
             files=[common_pb2.ArtifactFile(**f) for f in json.loads(row.files)],
-            created_at=_ts(row.created_at),
+            created_at=timestamp(row.created_at),
         )
 
     async def DownloadDataset(self, request, context):

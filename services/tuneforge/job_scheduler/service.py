@@ -24,6 +24,7 @@ from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.pagination import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.workspaces import hash_api_key, new_api_key
 from tuneforge.job_scheduler import state_machine as sm
@@ -36,13 +37,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobSchedulerService"].full_name
 
-
-def _ts(value):
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    t = Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 class JobScheduler(BaseService):
@@ -443,8 +437,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             model_name=job.model_name,
             model_id=job.model_id,
             notify_email=job.notify_email,
-            create_time=_ts(job.created_at),
-            update_time=_ts(job.updated_at),
+            create_time=timestamp(job.created_at),
+            update_time=timestamp(job.updated_at),
             attempt=job.attempt,
         )
         if job.dataset:
@@ -539,8 +533,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
 
     async def ListJobs(self, request, context):
         workspace = current_workspace()
-        size = min(max(request.page_size or 50, 1), 200)
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        page = Page.of(request, default=50, maximum=200)
+        size, offset = page.size, page.offset
         async with self.app.db.session() as session:
             rows = (
                 await session.execute(
@@ -551,10 +545,9 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                     .limit(size + 1)
                 )
             ).scalars().all()
-        more = len(rows) > size
         return pb.ListJobsResponse(
             jobs=[self._to_proto(j) for j in rows[:size]],
-            next_page_token=str(offset + size) if more else "",
+            next_page_token=page.next_token(len(rows)),
         )
 
     async def CancelJob(self, request, context):
@@ -607,7 +600,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 terminal = sm.is_terminal(job.state)
             for row in rows:
                 event = pb.JobEvent(
-                    sequence=row.sequence, time=_ts(row.time), kind=row.kind, state=row.state, message=row.message
+                    sequence=row.sequence, time=timestamp(row.time), kind=row.kind, state=row.state, message=row.message
                 )
                 if row.progress:
                     event.progress.ParseFromString(row.progress)
@@ -631,7 +624,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             ).scalars().all()
         out = pb.ListCheckpointsResponse()
         for r in rows:
-            cp = out.checkpoints.add(step=r.step, artifact_path=r.artifact_path, create_time=_ts(r.created_at))
+            cp = out.checkpoints.add(step=r.step, artifact_path=r.artifact_path, create_time=timestamp(r.created_at))
             if r.eval_loss is not None:
                 cp.eval_loss = r.eval_loss
         return out

@@ -9,7 +9,6 @@ import re
 import uuid
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import delete, or_, select
 
 from tuneforge.api.common.v1 import common_pb2
@@ -19,6 +18,7 @@ from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as p
 from tuneforge.core import subjects
 from tuneforge.core.errors import ServiceError, bad_request, failed_precondition, not_found
 from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.pagination import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
@@ -29,11 +29,6 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 CHUNK = 256 * 1024
 
-
-def _ts(value) -> Timestamp:
-    t = Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 class ModelRegistry(BaseService):
@@ -67,7 +62,7 @@ class ModelRegistry(BaseService):
                 )
             ).first()
         if existing is None and clash:
-            await self._emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
+            await self.emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
                 meta=self.bus.meta(meta.workspace_id, meta.job_id),
                 reason=f"a model named {event.model_name!r} already exists in the workspace",
                 failure_kind=common_pb2.FAILURE_KIND_USER,
@@ -79,7 +74,7 @@ class ModelRegistry(BaseService):
             try:
                 files = await asyncio.to_thread(self._copy_adapter, event.adapter_path, prefix)
             except (FileNotFoundError, ValueError) as exc:
-                await self._emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
+                await self.emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
                     meta=self.bus.meta(meta.workspace_id, meta.job_id),
                     reason=f"the trained adapter is incomplete: {exc}",
                     failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
@@ -100,7 +95,7 @@ class ModelRegistry(BaseService):
                 ))
             self.outbox.notify()
         else:  # redelivered: announce again, idempotently
-            await self._emit(subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
+            await self.emit(subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
                 meta=self.bus.meta(meta.workspace_id, meta.job_id), model_id=existing.id, model_name=existing.name,
             ))
 
@@ -119,11 +114,6 @@ class ModelRegistry(BaseService):
 
             files.append({"path": rel, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         return files
-
-    async def _emit(self, subject, message) -> None:
-        async with self.db.session() as session, session.begin():
-            self.outbox.add(session, subject, message)
-        self.outbox.notify()
 
 
 class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
@@ -153,7 +143,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             metrics=common_pb2.TrainingMetrics.FromString(row.metrics),
             hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters),
             files=[common_pb2.ArtifactFile(**f) for f in json.loads(row.files)],
-            adapter_path=row.adapter_path, agent_ids=agents, create_time=_ts(row.created_at),
+            adapter_path=row.adapter_path, agent_ids=agents, create_time=timestamp(row.created_at),
         )
 
     async def GetModel(self, request, context):
@@ -163,15 +153,15 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
 
     async def ListModels(self, request, context):
         ws = current_workspace()
-        size = min(max(request.page_size or 50, 1), 200)
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        page = Page.of(request, default=50, maximum=200)
+        size, offset = page.size, page.offset
         async with self.app.db.session() as session:
             rows = (await session.execute(
                 select(ModelRow).where(ModelRow.workspace_id == ws.id)
                 .order_by(ModelRow.created_at.desc(), ModelRow.id).offset(offset).limit(size + 1)
             )).scalars().all()
             models = [await self._to_proto(session, r) for r in rows[:size]]
-        return pb.ListModelsResponse(models=models, next_page_token=str(offset + size) if len(rows) > size else "")
+        return pb.ListModelsResponse(models=models, next_page_token=page.next_token(len(rows)))
 
     async def ResolveModel(self, request, context):
         async with self.app.db.session() as session:

@@ -9,7 +9,6 @@ import logging
 import re
 import uuid
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -20,6 +19,7 @@ from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
 from tuneforge.core.errors import bad_request
 from tuneforge.core.grpc_server import current_workspace
+from tuneforge.core.pagination import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.notifier import mailer, messages
 from tuneforge.notifier.models import Base, DeliveryRow
@@ -29,13 +29,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_ATTEMPTS = 8
 
-
-def _ts(value) -> Timestamp | None:
-    if value is None:
-        return None
-    t = Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 class Notifier(BaseService):
@@ -145,10 +138,10 @@ def _to_proto(row: DeliveryRow) -> pb.Delivery:
     out = pb.Delivery(
         id=row.id, job_id=row.job_id, recipient=row.recipient, subject=row.subject, state=row.state,
         attempts=row.attempts, last_error=row.last_error, destination=row.destination, event_id=row.event_id,
-        create_time=_ts(row.created_at),
+        create_time=timestamp(row.created_at),
     )
     if row.sent_at:
-        out.sent_time.CopyFrom(_ts(row.sent_at))
+        out.sent_time.CopyFrom(timestamp(row.sent_at))
     return out
 
 
@@ -158,8 +151,8 @@ class NotifierServicer(pb_grpc.NotifierServiceServicer):
 
     async def ListDeliveries(self, request, context):
         ws = current_workspace()
-        size = min(max(request.page_size or 50, 1), 200)
-        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        page = Page.of(request, default=50, maximum=200)
+        size, offset = page.size, page.offset
         query = select(DeliveryRow).where(DeliveryRow.workspace_id == ws.id)
         if request.job_id:
             query = query.where(DeliveryRow.job_id == request.job_id)
@@ -169,7 +162,7 @@ class NotifierServicer(pb_grpc.NotifierServiceServicer):
             )).scalars().all()
         return pb.ListDeliveriesResponse(
             deliveries=[_to_proto(r) for r in rows[:size]],
-            next_page_token=str(offset + size) if len(rows) > size else "",
+            next_page_token=page.next_token(len(rows)),
         )
 
     async def SendTestNotification(self, request, context):
