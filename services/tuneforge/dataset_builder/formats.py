@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from typing import Any
 
 FORMAT_CONVERSATION = "conversation"
@@ -59,12 +60,16 @@ class _DupDict(dict):
 
 
 def _pairs_hook(pairs):
-    out = _DupDict() if len({k for k, _ in pairs}) != len(pairs) else {}
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    dup = _DupDict()
     for key, value in pairs:
-        if key in out and isinstance(out, _DupDict) and not out.duplicate:
-            out.duplicate = key
-        out[key] = value
-    return out
+        if key in dup and not dup.duplicate:
+            dup.duplicate = key
+        dup[key] = value
+    _seen_duplicate.flag = True
+    return dup
 
 
 def _find_duplicate(value: Any, path: str = "") -> str | None:
@@ -87,9 +92,20 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_seen_duplicate = threading.local()  # set by _pairs_hook when an object repeats a key
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=_no_constants)
+
+
 def loads(text: str) -> Any:
     """Strict JSON: no NaN/Infinity; objects with a repeated key come back as _DupDict."""
-    return json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=_no_constants)
+    return _DECODER.decode(text)
+
+
+def loads_flagged(text: str) -> tuple[Any, bool]:
+    """``loads`` and whether any object had a repeated key (so the tree walk is only needed then)."""
+    _seen_duplicate.flag = False
+    obj = _DECODER.decode(text)
+    return obj, _seen_duplicate.flag
 
 
 def canonical(body: dict[str, Any]) -> str:
@@ -302,11 +318,11 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
         errors.add(line, "", "not_utf8", f"line is not valid UTF-8 (byte {exc.start}); save the file as UTF-8")
         return None, errors
     try:
-        obj = loads(text)
+        obj, has_duplicate = loads_flagged(text)
     except ValueError as exc:
         errors.add(line, "", "invalid_json", f"not valid JSON: {exc}")
         return None, errors
-    duplicate = _find_duplicate(obj)
+    duplicate = _find_duplicate(obj) if has_duplicate else None
     if duplicate:
         key = duplicate.rsplit(".", 1)[-1]
         errors.add(line, duplicate, "duplicate_key", f"key {key!r} appears twice in one object; keep one")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,32 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+_SELF_CHECK = ("<|start_header_id|>user<|end_header_id|>\n\n Hello,  world!\n\n\n<|eot_id|>  x\ty\n"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n{\"a\": [1, 2]}<|eot_id|>\n")
+
+
+def _added_token_splitter(tokenizer) -> "re.Pattern | None":
+    """A pattern splitting text on the tokenizer's added tokens, or None where counting piece by
+    piece could differ from encoding the whole text (tokens that strip neighbouring whitespace
+    or match whole words only, normalised added tokens behind a normaliser, a pre-tokeniser
+    that treats the first piece specially). A self-check on a sample confirms it."""
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
+        return None
+    if tokenizer.normalizer is not None and any(t.normalized for t in added):
+        return None
+    if "Metaspace" in json.dumps(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
+        return None  # prepends "▁" to the first piece only
+    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")")
+    sample = _SELF_CHECK + "".join(contents) + " " + " ".join(contents)
+    parts = pattern.split(sample)
+    pieces = sum(len(tokenizer.encode(p, add_special_tokens=False).ids) for p in parts[0::2] if p)
+    if pieces + len(parts) // 2 != len(tokenizer.encode(sample, add_special_tokens=False).ids):
+        return None
+    return pattern
+
+
 class TokenCounter:
     """Tokens per universal-format example with one model's tokenizer and chat template."""
 
@@ -63,6 +90,7 @@ class TokenCounter:
         self.bos = special.get("bos_token") or ""
         self.eos = special.get("eos_token") or ""
         self.name = name
+        self._pieces = _added_token_splitter(self.tokenizer)
 
     @classmethod
     def for_model(cls, model_store: Path, model_id: str, chat_template: str) -> "TokenCounter | None":
@@ -97,6 +125,37 @@ class TokenCounter:
         return [self._render_messages(prompt + example["preferred_output"], tools),
                 self._render_messages(prompt + example["non_preferred_output"], tools)]
 
+    def _count_texts(self, texts: list[str]) -> list[int]:
+        """Token counts of ``texts`` (no special tokens added), batch-encoded.
+
+        With ``_pieces``: a text's count is its number of added tokens plus the counts of the
+        pieces between them (the tokenizer splits on added tokens before anything else), and
+        the pieces repeat across a dataset (template headers, system prompts, tool
+        declarations, role names), so each distinct piece is encoded once."""
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        if self._pieces is None:
+            out: list[int] = []
+            for start in range(0, len(texts), ENCODE_BATCH):
+                out.extend(len(e.ids) for e in encode(texts[start:start + ENCODE_BATCH], add_special_tokens=False))
+            return out
+        split = self._pieces.split
+        known: dict[str, int] = {}
+        todo: list[str] = []
+        parts_of = []
+        for text in texts:
+            parts = split(text)  # [piece, added, piece, added, ..., piece]
+            parts_of.append(parts)
+            for piece in parts[0::2]:
+                if piece and piece not in known:
+                    known[piece] = 0
+                    todo.append(piece)
+        for start in range(0, len(todo), ENCODE_BATCH):
+            batch = todo[start:start + ENCODE_BATCH]
+            for piece, e in zip(batch, encode(batch, add_special_tokens=False)):
+                known[piece] = len(e.ids)
+        known[""] = 0
+        return [len(parts) // 2 + sum(map(known.__getitem__, parts[0::2])) for parts in parts_of]
+
     def count(self, examples: Sequence[dict[str, Any]]) -> list[int]:
         """Token count per example (the longer sequence of a preference pair), batch-encoded."""
         texts: list[str] = []
@@ -106,9 +165,7 @@ class TokenCounter:
                 texts.append(text)
                 owners.append(i)
         counts = [0] * len(examples)
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        for start in range(0, len(texts), ENCODE_BATCH):
-            batch = encode(texts[start:start + ENCODE_BATCH], add_special_tokens=False)
-            for owner, encoding in zip(owners[start:start + ENCODE_BATCH], batch):
-                counts[owner] = max(counts[owner], len(encoding.ids))
+        for owner, n in zip(owners, self._count_texts(texts)):
+            if n > counts[owner]:
+                counts[owner] = n
         return counts
