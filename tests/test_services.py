@@ -182,3 +182,38 @@ async def test_a_build_that_keeps_failing_fails_the_job_as_a_system_error(servic
         assert len(attempts) == 5
     finally:
         await clients.close()
+
+
+async def test_health_and_reflection_on_every_service(services):
+    """Every service answers health checks (no key needed) and lists its API by reflection."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    endpoints, _ = services
+    expected = {
+        "dataset-builder": "tuneforge.api.dataset_builder.v1.DatasetBuilderService",
+        "job-scheduler": "tuneforge.api.job_scheduler.v1.JobSchedulerService",
+        "trainer": "tuneforge.api.trainer.v1.TrainerService",
+        "model-registry": "tuneforge.api.model_registry.v1.ModelRegistryService",
+        "notifier": "tuneforge.api.notifier.v1.NotifierService",
+    }
+    for name, target in endpoints.items():
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=expected[name]), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def one_request():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            async for response in stub.ServerReflectionInfo(one_request(), timeout=5):
+                listed = {s.name for s in response.list_services_response.service}
+                assert expected[name] in listed and "grpc.health.v1.Health" in listed
+                break
+    # Shutting a service down flips its health to NOT_SERVING before the port closes.
+    app = services.apps["notifier"]
+    await app._health.enter_graceful_shutdown()
+    async with grpc.aio.insecure_channel(endpoints["notifier"]) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

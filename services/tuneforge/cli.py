@@ -137,9 +137,18 @@ def cmd_data_import(args) -> int:
     from tuneforge import sdk
 
     async def run():
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
         clients = _clients(args)
+        progress = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TextColumn("then validating and storing ..."), transient=True,
+                            disable=not sys.stderr.isatty(), console=Console(stderr=True))
+        task = progress.add_task("import", total=Path(args.file).stat().st_size)
         try:
-            reply = await sdk.import_file(clients, Path(args.file), args.topic, all_or_nothing=args.all_or_nothing)
+            with progress:
+                reply = await sdk.import_file(clients, Path(args.file), args.topic, all_or_nothing=args.all_or_nothing,
+                                              on_progress=lambda sent, total: progress.update(task, completed=sent))
         finally:
             await clients.close()
         print(f"read {reply.lines_read} lines: {reply.imported} imported, {reply.duplicates} already stored, "

@@ -18,23 +18,32 @@ from tuneforge.core.client import Clients
 CHUNK = 256 * 1024
 
 
-async def _import_requests(path: Path, options: dsb.ImportOptions) -> AsyncIterator[dsb.ImportExamplesRequest]:
+async def _import_requests(
+    path: Path, options: dsb.ImportOptions, on_progress: Callable[[int, int], None] | None,
+) -> AsyncIterator[dsb.ImportExamplesRequest]:
     yield dsb.ImportExamplesRequest(options=options)
+    total = path.stat().st_size
+    sent = 0
     with open(path, "rb") as fh:
         while block := fh.read(CHUNK):
             yield dsb.ImportExamplesRequest(chunk=block)
+            sent += len(block)
+            if on_progress:
+                on_progress(sent, total)
 
 
 async def import_file(
     clients: Clients, path: Path, topics: list[str] | None = None, *, all_or_nothing: bool = False,
-    timeout: float = 600.0,
+    timeout: float = 600.0, on_progress: Callable[[int, int], None] | None = None,
 ) -> dsb.ImportExamplesResponse:
+    """Stream a JSONL file to ImportExamples; ``on_progress(bytes_sent, total_bytes)`` per chunk."""
     options = dsb.ImportOptions(
         source_name=Path(path).name,
         topics=topics or [],
         mode=dsb.IMPORT_MODE_ALL_OR_NOTHING if all_or_nothing else dsb.IMPORT_MODE_KEEP_VALID,
     )
-    return await clients.dataset_builder.ImportExamples(_import_requests(Path(path), options), timeout=timeout)
+    return await clients.dataset_builder.ImportExamples(
+        _import_requests(Path(path), options, on_progress), timeout=timeout)
 
 
 async def wait_until_authorised(clients: Clients, timeout: float = 30.0) -> None:
