@@ -17,7 +17,6 @@ import pytest
 
 from conftest import workspace
 from tuneforge import sdk
-from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 from tuneforge.core.errors import field_violations
 from tuneforge.dataset_builder import builder, formats

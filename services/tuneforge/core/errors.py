@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
@@ -60,5 +60,3 @@ def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[
             out.extend((v.field, v.description) for v in info.field_violations)
     return out
 
-
-_ = code_pb2  # google.rpc codes mirror grpc.StatusCode values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -212,8 +213,6 @@ class DatasetBuilder(BaseService):
         for name, data in contents.items():
             key = f"{prefix}/{name}"
             self.store.put_bytes(key, data)
-            import hashlib
-
             files.append({"path": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         return files
 

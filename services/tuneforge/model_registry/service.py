@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
 import uuid
 
-import grpc
 from sqlalchemy import delete, or_, select
 
 from tuneforge.api.common.v1 import common_pb2
@@ -16,7 +16,7 @@ from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as pb
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as pb_grpc
 from tuneforge.core import subjects
-from tuneforge.core.errors import ServiceError, bad_request, failed_precondition, not_found
+from tuneforge.core.errors import bad_request, failed_precondition, not_found
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.pagination import Page, timestamp
 from tuneforge.core.service import BaseService
@@ -110,8 +110,6 @@ class ModelRegistry(BaseService):
             rel = key[len(source_prefix) + 1:]
             data = self.store.get_bytes(key)
             self.store.put_bytes(f"{prefix}/{rel}", data)
-            import hashlib
-
             files.append({"path": rel, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         return files
 
@@ -220,5 +218,3 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         await asyncio.to_thread(self.app.store.delete_prefix, prefix)
         return pb.DeleteModelResponse()
 
-
-_ = (grpc, ServiceError)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -75,5 +74,3 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             current_step=s.current_step, runs_completed=s.runs_completed, start_time=start,
         )
 
-
-_ = json

@@ -16,7 +16,6 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import nats.errors
 from nats.aio.msg import Msg
