@@ -288,6 +288,11 @@ async def run(args) -> int:
             print(f"WARNING: expected {n} distinct examples, build kept {kept} "
                   f"(deduplicated {summary.deduplicated_count}, overlength {summary.overlength_count})")
 
+        # -- 3b. a rebuild (another seed): the token counts stored by the first build are reused --
+        _, t_rebuild = await ameasure(clients.dataset_builder.BuildDataset(
+            dsb.BuildDatasetRequest(method="sft", base_model=BASE_MODEL, test_fraction=0.1, seed=43),
+            timeout=600))
+
         # -- 4. build pieces in-process --
         examples, t_load = await ameasure(service.load_examples(workspace_id))
         counter = service.token_counter(BASE_MODEL)
@@ -298,6 +303,9 @@ async def run(args) -> int:
         rows.append(("build RPC (load..write)", n, t_build,
                      ratio_text(rate(n, t_build), rate(n, t_snap_plain), "build RPC", "build_snapshot w/o tokens")
                      + f"; tokenizer {summary.tokenizer}"))
+        rows.append(("rebuild RPC (another seed)", n, t_rebuild,
+                     ratio_text(rate(n, t_rebuild), rate(n, t_build), "rebuild", "first build")
+                     + "; token counts stored by the first build"))
         rows.append(("load_examples (SQLite + json.loads)", n, t_load, "in-process, after the RPC"))
         rows.append(("build_snapshot without tokens", n, t_snap_plain, "filter+dedupe+split; baseline for build"))
         # build_snapshot with TokenCounter.count: measured inside the BuildDataset RPC above (same

@@ -18,6 +18,7 @@ import pytest
 from conftest import workspace
 from tuneforge import sdk
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
+from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 from tuneforge.core.errors import field_violations
 from tuneforge.dataset_builder import builder, formats
 from tuneforge.dataset_builder.builder import BuildOptions, StoredExample, build_snapshot, split_count
@@ -674,5 +675,41 @@ async def test_tokenizer_added_to_the_model_store_later_is_used(services, tmp_pa
         shutil.copytree(standin, settings.resolved_model_store() / MODEL)
         after = (await build(clients, seed=2)).dataset  # a new snapshot (other seed)
         assert MODEL in after.tokenizer and after.train_tokens.count == after.train_count
+    finally:
+        await clients.close()
+
+
+async def test_rebuilds_reuse_stored_token_counts_until_the_tokenizer_changes(services, tmp_path, standin):
+    endpoints, settings = services
+    shutil.copytree(standin, settings.resolved_model_store() / MODEL)
+    app = services.apps["dataset-builder"]
+    clients = await workspace(endpoints)
+    try:
+        await sdk.import_file(clients, write_jsonl(tmp_path / "a.jsonl", [simple(i) for i in range(40)]))
+        first = (await build(clients, seed=1)).dataset
+        counter = app.token_counter(MODEL)
+        ws = (await clients.job_scheduler.GetWorkspace(js.GetWorkspaceRequest())).workspace
+        assert len(await app._stored_counts(ws.id, counter.key)) == 40
+
+        def no_counting(bodies):
+            raise AssertionError(f"counted {len(bodies)} examples again")
+
+        counter.count = no_counting  # a rebuild with another seed must not count again
+        second = (await build(clients, seed=2)).dataset
+        assert second.dataset_id != first.dataset_id
+        assert (second.train_tokens.total + second.test_tokens.total
+                == first.train_tokens.total + first.test_tokens.total)
+        assert (max(second.train_tokens.max, second.test_tokens.max)
+                == max(first.train_tokens.max, first.test_tokens.max))
+
+        # A different tokenizer (new tokenizer.json) is a different key: counted afresh.
+        tokenizer_file = settings.resolved_model_store() / MODEL / "tokenizer.json"
+        data = json.loads(tokenizer_file.read_text())
+        data["added_tokens"].append({**data["added_tokens"][-1], "id": data["added_tokens"][-1]["id"] + 1,
+                                     "content": "<|tuneforge_test_token|>"})
+        tokenizer_file.write_text(json.dumps(data))
+        third = (await build(clients, seed=3)).dataset
+        assert third.tokenizer and app.token_counter(MODEL).key != counter.key
+        assert third.train_tokens.count + third.test_tokens.count == 40
     finally:
         await clients.close()

@@ -61,6 +61,7 @@ class Snapshot:
     warnings: list[str]
     manifest: dict[str, Any]
     tokenizer: str = ""
+    new_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def split_count(n: int, test_fraction: float) -> int:
@@ -114,7 +115,10 @@ def build_snapshot(
     options: BuildOptions,
     count_tokens: Callable[[list[dict[str, Any]]], list[int]] | None = None,
     tokenizer: str = "",
+    known_counts: dict[str, int] | None = None,
 ) -> Snapshot:
+    """``known_counts`` (content hash -> tokens, same tokenizer) skips counting those examples;
+    the counts made here are returned in ``Snapshot.new_counts`` for the caller to keep."""
     if options.overlength not in OVERLENGTH_POLICIES:
         raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}")
     wanted = set(options.topics)
@@ -128,8 +132,14 @@ def build_snapshot(
     ordered = sorted(unique.values(), key=lambda e: e.content_hash)
     lengths: dict[str, int] = {}
     overlength: list[str] = []
+    new_counts: dict[str, int] = {}
     if count_tokens is not None and ordered:
-        for e, n in zip(ordered, count_tokens([e.body for e in ordered])):
+        known = known_counts or {}
+        todo = [e for e in ordered if e.content_hash not in known]
+        if todo:
+            new_counts = dict(zip([e.content_hash for e in todo], count_tokens([e.body for e in todo]), strict=True))
+        for e in ordered:
+            n = known[e.content_hash] if e.content_hash in known else new_counts[e.content_hash]
             lengths[e.content_hash] = n
             if n > options.context_length:
                 overlength.append(e.content_hash)
@@ -178,7 +188,7 @@ def build_snapshot(
         "test_hashes": [e.content_hash for e in test],
     }
     return Snapshot(dataset_id, content_hash, options, train, test, counts, dict(topic_counts), stats, rule,
-                    warnings, manifest, tokenizer if count_tokens else "")
+                    warnings, manifest, tokenizer if count_tokens else "", new_counts)
 
 
 def _warnings(counts: dict[str, int], options: BuildOptions, tokenizer: str) -> list[str]:

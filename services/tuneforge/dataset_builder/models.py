@@ -36,6 +36,18 @@ class ExampleTopicRow(Base):
     workspace_id: Mapped[str] = mapped_column(String(64), index=True)
 
 
+class TokenCountRow(Base):
+    """Tokens of an example under one tokenizer + chat template (``TokenCounter.key``), so that
+    rebuilding a dataset does not count the same examples again."""
+
+    __tablename__ = "token_counts"
+
+    workspace_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokenizer_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+
+
 class DatasetRow(Base):
     __tablename__ = "datasets"
 

@@ -10,6 +10,7 @@ import secrets
 
 import grpc
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as pb
@@ -25,7 +26,7 @@ from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.dataset_builder import builder, formats
 from tuneforge.dataset_builder.tokens import TokenCounter
-from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow
+from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow, TokenCountRow
 from tuneforge.plugins import get_registry
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,13 @@ class DatasetBuilder(BaseService):
         )
         examples = await self.load_examples(workspace_id)
         counter = await asyncio.to_thread(self.token_counter, base_model)
+        known = await self._stored_counts(workspace_id, counter.key) if counter else {}
         snap = await asyncio.to_thread(
             builder.build_snapshot, examples, options, counter.count if counter else None,
-            counter.name if counter else "",
+            counter.name if counter else "", known,
         )
+        if snap.new_counts:
+            await self._store_counts(workspace_id, counter.key, snap.new_counts)
         if not snap.train:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -198,6 +202,24 @@ class DatasetBuilder(BaseService):
                     )
                 )
         return summary, files
+
+    async def _stored_counts(self, workspace_id: str, tokenizer_key: str) -> dict[str, int]:
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(TokenCountRow.content_hash, TokenCountRow.tokens).where(
+                    TokenCountRow.workspace_id == workspace_id, TokenCountRow.tokenizer_key == tokenizer_key)
+            )
+            return dict(rows.all())
+
+    async def _store_counts(self, workspace_id: str, tokenizer_key: str, counts: dict[str, int]) -> None:
+        rows = [{"workspace_id": workspace_id, "tokenizer_key": tokenizer_key, "content_hash": h, "tokens": n}
+                for h, n in counts.items()]
+        try:
+            async with self.db.session() as session, session.begin():
+                for i in range(0, len(rows), 5000):
+                    await session.execute(insert(TokenCountRow.__table__), rows[i:i + 5000])
+        except IntegrityError:
+            log.info("token counts stored concurrently; keeping the stored ones")
 
     def prefix(self, workspace_id: str, dataset_id: str) -> str:
         return f"datasets/{workspace_id}/{dataset_id}"

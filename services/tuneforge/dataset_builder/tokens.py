@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -90,6 +91,11 @@ class TokenCounter:
         self.bos = special.get("bos_token") or ""
         self.eos = special.get("eos_token") or ""
         self.name = name
+        # Identifies what the counts depend on: stored counts are reused only under the same key.
+        digest = hashlib.sha256(Path(tokenizer_file).read_bytes())
+        digest.update(chat_template.encode())
+        digest.update(f"{self.bos}|{self.eos}".encode())
+        self.key = digest.hexdigest()
         self._pieces = _added_token_splitter(self.tokenizer)
 
     @classmethod
