@@ -121,12 +121,9 @@ def cmd_workspace_create(args) -> int:
 
     async def run():
         stack = read_stack_file(_data_dir(args))
-        clients = Clients.connect(stack["endpoints"], admin_token_for(_data_dir(args)))
-        try:
+        async with Clients.connect(stack["endpoints"], admin_token_for(_data_dir(args))) as clients:
             reply = await clients.job_scheduler.CreateWorkspace(js.CreateWorkspaceRequest(
                 name=args.name, plan=common_pb2.Plan.Value(f"PLAN_{args.plan.upper()}"), owner_email=args.email))
-        finally:
-            await clients.close()
         print(f"workspace {reply.workspace.id} ({args.plan})\nAPI key (shown once): {reply.api_key}")
         return 0
 
@@ -140,17 +137,14 @@ def cmd_data_import(args) -> int:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        clients = _clients(args)
         progress = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                             TextColumn("then validating and storing ..."), transient=True,
                             disable=not sys.stderr.isatty(), console=Console(stderr=True))
         task = progress.add_task("import", total=Path(args.file).stat().st_size)
-        try:
+        async with _clients(args) as clients:
             with progress:
                 reply = await sdk.import_file(clients, Path(args.file), args.topic, all_or_nothing=args.all_or_nothing,
                                               on_progress=lambda sent, total: progress.update(task, completed=sent))
-        finally:
-            await clients.close()
         print(f"read {reply.lines_read} lines: {reply.imported} imported, {reply.duplicates} already stored, "
               f"{reply.rejected} rejected")
         for e in reply.errors:
@@ -166,11 +160,8 @@ def cmd_data_topics(args) -> int:
     from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             reply = await clients.dataset_builder.ListTopics(dsb.ListTopicsRequest())
-        finally:
-            await clients.close()
         for t in reply.topics:
             formats = ", ".join(f"{k} {v}" for k, v in sorted(t.format_counts.items()))
             print(f"{t.topic:30s} {t.example_count:8d}  ({formats})")
@@ -187,15 +178,12 @@ def cmd_dataset_build(args) -> int:
     from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             reply = await clients.dataset_builder.BuildDataset(dsb.BuildDatasetRequest(
                 topics=args.topic or [], method=args.method, base_model=args.base_model,
                 test_fraction=args.test_fraction, seed=args.seed, train_on_inputs=args.train_on_inputs,
                 overlength_policy=common_pb2.OverlengthPolicy.Value(f"OVERLENGTH_POLICY_{args.overlength.upper()}"),
                 max_epochs=args.max_epochs), timeout=600)
-        finally:
-            await clients.close()
         print(json.dumps(json_format.MessageToDict(reply.dataset), indent=2))
         return 0
 
@@ -228,16 +216,13 @@ def cmd_job_create(args) -> int:
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             spec = js.JobSpec(name=args.name, description=args.description or "", topics=args.topic or [],
                               base_model=args.base_model, method=args.method,
                               hyperparameters=_parse_sets(args.set or []), notify_email=args.notify or "",
                               overlength_policy=common_pb2.OverlengthPolicy.Value(
                                   f"OVERLENGTH_POLICY_{args.overlength.upper()}"))
             reply = await clients.job_scheduler.CreateJob(js.CreateJobRequest(spec=spec))
-        finally:
-            await clients.close()
         print(f"job {reply.job.id} created ({js.JobState.Name(reply.job.state)})")
         for w in reply.warnings:
             print(f"  warning: {w}")
@@ -251,12 +236,9 @@ def cmd_job_watch(args) -> int:
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             events = await sdk.watch_job(clients, args.job_id, lambda e: print(
                 f"[{e.sequence:4d}] {js.JobState.Name(e.state).removeprefix('JOB_STATE_'):16s} {e.message}", flush=True))
-        finally:
-            await clients.close()
         return 0 if events and events[-1].state == js.JOB_STATE_SUCCEEDED else 1
 
     return _run(run())
@@ -268,11 +250,8 @@ def cmd_job_get(args) -> int:
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             reply = await clients.job_scheduler.GetJob(js.GetJobRequest(job_id=args.job_id))
-        finally:
-            await clients.close()
         print(json.dumps(json_format.MessageToDict(reply.job), indent=2))
         return 0
 
@@ -283,11 +262,8 @@ def cmd_dataset_download(args) -> int:
     from tuneforge import sdk
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             files = await sdk.download_dataset(clients, args.dataset_id, Path(args.dir))
-        finally:
-            await clients.close()
         for f in files:
             print(f)
         return 0
@@ -299,11 +275,8 @@ def cmd_models_list(args) -> int:
     from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
 
     async def run():
-        clients = _clients(args)
-        try:
+        async with _clients(args) as clients:
             reply = await clients.model_registry.ListModels(mr.ListModelsRequest())
-        finally:
-            await clients.close()
         for m in reply.models:
             print(f"{m.name:30s} {m.id}  {m.method} on {m.base_model}  agents: {', '.join(m.agent_ids) or '-'}")
         return 0

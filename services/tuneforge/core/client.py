@@ -90,3 +90,9 @@ class Clients:
     async def close(self) -> None:
         for ch in self.channels:
             await ch.close()
+
+    async def __aenter__(self) -> "Clients":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

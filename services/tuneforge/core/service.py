@@ -3,6 +3,7 @@ server; ``run_service`` runs one until SIGTERM/SIGINT and shuts it down graceful
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import signal
@@ -22,7 +23,7 @@ from tuneforge.core.workspaces import DirectoryBase, WorkspaceDirectory
 log = logging.getLogger(__name__)
 
 
-class BaseService:
+class BaseService(abc.ABC):
     """Composes the shared parts; a service fills in its tables, servicers and consumers."""
 
     name: str = ""
@@ -41,9 +42,9 @@ class BaseService:
         self._tasks: list[asyncio.Task] = []
 
     # -- hooks -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def grpc_services(self) -> list[tuple[Callable, object, str]]:
         """``(add_XServicer_to_server, servicer, full service name)`` entries."""
-        raise NotImplementedError
 
     async def on_start(self) -> None:
         """Start consumers and background work (the bus is connected)."""
