@@ -120,14 +120,11 @@ async def workspace(endpoints, plan=None, email="owner@example.com"):
     """A new workspace (Enterprise unless ``plan``) and clients authenticated with its API key."""
     from tuneforge import sdk
     from tuneforge.api.common.v1 import common_pb2
-    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
     from tuneforge.core.client import Clients
+    from tuneforge.quickstart import create_workspace
 
     plan = common_pb2.PLAN_ENTERPRISE if plan is None else plan
-    admin = Clients.connect(endpoints, ADMIN)
-    reply = await admin.job_scheduler.CreateWorkspace(
-        js.CreateWorkspaceRequest(name="W", plan=plan, owner_email=email))
-    await admin.close()
+    reply = await create_workspace(endpoints, ADMIN, plan, email, "W")
     clients = Clients.connect(endpoints, reply.api_key)
     await sdk.wait_until_authorised(clients)
     return clients

@@ -44,12 +44,9 @@ class Outcome:
 
 
 async def create_workspace(endpoints: dict[str, str], admin_token: str, plan: int, email: str, name: str):
-    admin = Clients.connect(endpoints, admin_token)
-    try:
+    async with Clients.connect(endpoints, admin_token) as admin:
         return await admin.job_scheduler.CreateWorkspace(
             js.CreateWorkspaceRequest(name=name, plan=plan, owner_email=email))
-    finally:
-        await admin.close()
 
 
 async def run_job(

@@ -5,8 +5,6 @@ Keys are built by the services from ids, never from user strings, and are checke
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import os
 import re
 import shutil
@@ -29,12 +27,6 @@ def check_key(key: str) -> str:
     return key
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ArtifactStore:
@@ -48,11 +40,6 @@ class ArtifactStore:
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}"
 
-    def local_path(self, key: str) -> Path:
-        """The file's path on this machine (local stores only)."""
-        if not self.is_local:
-            raise RuntimeError("not a local artifact store")
-        return Path(self._path(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -70,8 +57,6 @@ class ArtifactStore:
     def get_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))
 
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self._path(key))
 
     def put_file(self, local: Path, key: str) -> None:
         path = self._path(key)
@@ -111,20 +96,10 @@ class ArtifactStore:
             while block := fh.read(chunk_size):
                 yield block
 
-    def size(self, key: str) -> int:
-        return int(self.fs.size(self._path(key)))
 
-    def sha256(self, key: str) -> str:
-        digest = hashlib.sha256()
-        for block in self.iter_chunks(key):
-            digest.update(block)
-        return digest.hexdigest()
 
     def delete_prefix(self, prefix: str) -> None:
         base = self._path(prefix)
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
 
-    async def run(self, fn, *args):
-        """Run a blocking storage call off the event loop."""
-        return await asyncio.to_thread(fn, *args)

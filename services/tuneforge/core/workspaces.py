@@ -107,20 +107,8 @@ class WorkspaceDirectory:
         self._by_key[key_hash] = ws
         return ws
 
-    async def get(self, workspace_id: str) -> Workspace | None:
-        async with self.db.session() as session:
-            row = await session.get(WorkspaceRow, workspace_id)
-        return _to_workspace(row) if row else None
 
-    async def key_hashes(self, workspace_id: str) -> list[str]:
-        async with self.db.session() as session:
-            rows = await session.execute(select(ApiKeyRow.key_hash).where(ApiKeyRow.workspace_id == workspace_id))
-            return [r for (r,) in rows]
 
-    async def revision(self, workspace_id: str) -> int:
-        async with self.db.session() as session:
-            row = await session.get(WorkspaceRow, workspace_id)
-            return row.revision if row else 0
 
 
 def _to_workspace(row: WorkspaceRow) -> Workspace:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tuneforge.core import datasets as dataset_counts
 from tuneforge.dataset_builder import formats
 
 FORMAT_VERSION = 1
@@ -213,13 +214,12 @@ def _warnings(counts: dict[str, int], options: BuildOptions, tokenizer: str) -> 
 
 
 def describe_counts(counts: dict[str, int], options: BuildOptions) -> str:
-    """Every step's count, for messages such as the min_examples refusal."""
-    topics = ", ".join(sorted(options.topics)) or "all topics"
-    text = (f"{counts['workspace']} examples in the workspace -> {counts['filtered']} {options.kind} "
-            f"examples in {topics} -> {counts['deduplicated']} after removing duplicates")
-    if counts["overlength"] and options.overlength == "drop":
-        text += f" -> {counts['kept']} after dropping {counts['overlength']} over-length"
-    return text + f" -> {counts['train']} train / {counts['test']} test"
+    """Every step's count, for messages such as the refusal to build an empty dataset."""
+    return dataset_counts.describe_counts(
+        workspace=counts["workspace"], filtered=counts["filtered"], deduplicated=counts["deduplicated"],
+        kept=counts["kept"], overlength_dropped=counts["overlength"] if options.overlength == "drop" else 0,
+        train=counts["train"], test=counts["test"], kind=options.kind, topics=options.topics,
+    )
 
 
 def jsonl(examples: Sequence[StoredExample]) -> bytes:

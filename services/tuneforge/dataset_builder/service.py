@@ -18,10 +18,11 @@ from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2_grpc as
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
+from tuneforge.core.hyperparameters import TRAIN_ON_INPUTS_CHOICES
 from tuneforge.core.gcpause import gc_paused
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
-from tuneforge.core.pagination import Page, timestamp
+from tuneforge.core.rpc import Page, file_chunks, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.dataset_builder import builder, formats
@@ -34,7 +35,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DatasetBuilderService"].full_name
 MAX_REPORTED_ERRORS = 1000
 MAX_IMPORT_BYTES = 1024 * 2**20
 BUILD_ATTEMPTS = 5  # then the job fails as a system error instead of waiting forever
-DOWNLOAD_CHUNK = 256 * 1024
 
 
 
@@ -136,7 +136,7 @@ class DatasetBuilder(BaseService):
             violations.append(("base_model", f"unknown base model {base_model!r}"))
         if not 0 < test_fraction <= 0.5:
             violations.append(("test_fraction", "must be in (0, 0.5]"))
-        if (train_on_inputs or "auto") not in ("auto", "true", "false"):
+        if (train_on_inputs or "auto") not in TRAIN_ON_INPUTS_CHOICES:
             violations.append(("train_on_inputs", "one of auto, true, false"))
         if violations:
             raise bad_request("invalid dataset request", violations)
@@ -483,16 +483,6 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
 
     async def DownloadDataset(self, request, context):
         row = await self._dataset(request.dataset_id)
-        prefix = self.app.prefix(row.workspace_id, row.id)
-        for f in json.loads(row.files):
-            key = f"{prefix}/{f['path']}"
-            data = await asyncio.to_thread(self.app.store.get_bytes, key)
-            if not data:
-                yield pb.DownloadDatasetResponse(chunk=common_pb2.FileChunk(path=f["path"], offset=0, data=b"", eof=True))
-                continue
-            for offset in range(0, len(data), DOWNLOAD_CHUNK):
-                block = data[offset:offset + DOWNLOAD_CHUNK]
-                yield pb.DownloadDatasetResponse(
-                    chunk=common_pb2.FileChunk(path=f["path"], offset=offset, data=block,
-                                               eof=offset + len(block) >= len(data))
-                )
+        paths = [f["path"] for f in json.loads(row.files)]
+        async for chunk in file_chunks(self.app.store, self.app.prefix(row.workspace_id, row.id), paths):
+            yield pb.DownloadDatasetResponse(chunk=chunk)

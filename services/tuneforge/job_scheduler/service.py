@@ -21,15 +21,17 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as pb_grpc
 from tuneforge.core import hyperparameters as hp
 from tuneforge.core import subjects
+from tuneforge.core.datasets import describe_counts
 from tuneforge.core.db import utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
-from tuneforge.core.pagination import Page, timestamp
+from tuneforge.core.rpc import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.workspaces import hash_api_key, new_api_key
 from tuneforge.job_scheduler import state_machine as sm
 from tuneforge.job_scheduler.models import Base, CheckpointRow, JobEventRow, JobRow, WorkspaceSecretRow
 from tuneforge.plugins import get_registry
+from tuneforge.training import ALL_LORA_MODULES
 
 log = logging.getLogger(__name__)
 S = pb.JobState
@@ -398,7 +400,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         try:
             resolved = hp.resolve(
                 hp.from_proto(spec.hyperparameters),
-                available_modules=base.lora_target_modules if base else hp_all_modules(),
+                available_modules=base.lora_target_modules if base else ALL_LORA_MODULES,
                 default_modules=base.default_lora_target_modules if base else (),
             )
         except hp.HyperparameterError as exc:
@@ -679,16 +681,12 @@ async def retry_stale(operation, attempts: int = 5):
 
 
 def describe_dataset_counts(d: common_pb2.DatasetSummary, spec: pb.JobSpec) -> str:
-    """What each step of the dataset build left: workspace → topic filter → dedupe → length → split."""
-    topics = ", ".join(spec.topics) or "all topics"
-    text = (f"{d.workspace_example_count} examples in the workspace -> {d.filtered_count} {d.kind} examples in "
-            f"{topics} -> {d.deduplicated_count} after removing duplicates")
-    if d.overlength_count and d.overlength_policy != common_pb2.OVERLENGTH_POLICY_TRUNCATE:
-        text += f" -> {d.train_count + d.test_count} after dropping {d.overlength_count} over the context length"
-    return text + f" -> {d.train_count} train / {d.test_count} test"
+    """What each step of the dataset build left, from the snapshot's summary."""
+    dropped = d.overlength_count if d.overlength_policy != common_pb2.OVERLENGTH_POLICY_TRUNCATE else 0
+    return describe_counts(
+        workspace=d.workspace_example_count, filtered=d.filtered_count, deduplicated=d.deduplicated_count,
+        kept=d.train_count + d.test_count, overlength_dropped=dropped, train=d.train_count, test=d.test_count,
+        kind=d.kind, topics=spec.topics,
+    )
 
 
-def hp_all_modules() -> tuple[str, ...]:
-    from tuneforge.training import ALL_LORA_MODULES
-
-    return ALL_LORA_MODULES

@@ -18,7 +18,7 @@ from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as p
 from tuneforge.core import subjects
 from tuneforge.core.errors import bad_request, failed_precondition, not_found
 from tuneforge.core.grpc_server import current_workspace
-from tuneforge.core.pagination import Page, timestamp
+from tuneforge.core.rpc import Page, file_chunks, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-CHUNK = 256 * 1024
 
 
 
@@ -202,12 +201,9 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         self._enterprise("downloading adapter weights")
         async with self.app.db.session() as session:
             row = await self._find(session, request.model)
-        for f in json.loads(row.files):
-            data = await asyncio.to_thread(self.app.store.get_bytes, f"{row.adapter_path}/{f['path']}")
-            for offset in range(0, max(len(data), 1), CHUNK):
-                block = data[offset:offset + CHUNK]
-                yield pb.DownloadModelResponse(chunk=common_pb2.FileChunk(
-                    path=f["path"], offset=offset, data=block, eof=offset + len(block) >= len(data)))
+        paths = [f["path"] for f in json.loads(row.files)]
+        async for chunk in file_chunks(self.app.store, row.adapter_path, paths):
+            yield pb.DownloadModelResponse(chunk=chunk)
 
     async def DeleteModel(self, request, context):
         async with self.app.db.session() as session, session.begin():

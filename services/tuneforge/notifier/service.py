@@ -19,7 +19,7 @@ from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
 from tuneforge.core.errors import bad_request
 from tuneforge.core.grpc_server import current_workspace
-from tuneforge.core.pagination import Page, timestamp
+from tuneforge.core.rpc import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.notifier import mailer, messages
 from tuneforge.notifier.models import Base, DeliveryRow

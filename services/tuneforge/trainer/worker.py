@@ -235,6 +235,8 @@ class TrainingWorker:
         elapsed = time.monotonic() - started
         adapter_key = f"runs/{workspace_id}/{job_id}/attempt-{attempt}/adapter"
         await asyncio.to_thread(self.store.put_dir, result.adapter_dir, adapter_key)
+        # Checkpoints and the adapter are in the artifact store now: the local copy can go.
+        await asyncio.to_thread(shutil.rmtree, work, True)
         if result.cancelled:
             return ev.TrainingRunCancelled(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                            adapter_path=adapter_key, step=result.steps)
@@ -244,6 +246,5 @@ class TrainingWorker:
             metrics.train_loss = result.train_loss
         if result.eval_loss is not None:
             metrics.eval_loss = result.eval_loss
-        shutil.rmtree(data_dir, ignore_errors=True)
         return ev.TrainingRunSucceeded(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                        adapter_path=adapter_key, metrics=metrics)
