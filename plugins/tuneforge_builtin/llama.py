@@ -13,7 +13,7 @@ import functools
 from importlib import resources
 
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape
+from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
 
 FAMILY = "llama"
 MODEL_TYPE = "llama"
@@ -52,6 +52,33 @@ ARCHITECTURES: dict[str, Architecture] = {
     "8b": Architecture(4096, 14336, 32, 32, 8, tie_word_embeddings=False),
     "70b": Architecture(8192, 28672, 80, 64, 8, tie_word_embeddings=False),
 }
+
+# Llama 3's pre-tokenisation regex (tiktoken cl100k style). `\s*[\r\n]+` keeps runs of newlines
+# together wherever they occur, so "\n\n" tokenises alike mid-text and at the end of a prompt.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The real Llama 3 tokenizer's special tokens that the chat template and generation use, in the
+# order of the real vocabulary (ids 128000...).
+TOKENIZER = TokenizerRecipe(
+    split_pattern=LLAMA3_SPLIT_PATTERN,
+    special_tokens=(
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|finetune_right_pad_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ),
+    bos_token="<|begin_of_text|>",
+    eos_token="<|eot_id|>",
+    pad_token="<|finetune_right_pad_id|>",
+    stop_tokens=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+)
 
 # The stand-in keeps the real architecture class and tying, at a tiny size.
 STANDIN_BASE_CONFIG = {
@@ -110,7 +137,8 @@ def training_chat_template() -> str:
 
 
 def standin_shape(arch: Architecture) -> StandinShape:
-    return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings})
+    return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
+                        tokenizer=TOKENIZER)
 
 
 def build_spec(entry: CatalogEntry) -> BaseModelSpec:

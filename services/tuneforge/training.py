@@ -20,11 +20,35 @@ DATASET_KIND_PREFERENCES = "preferences"
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizerRecipe:
+    """How a family's tokenizer is put together: the parts a stand-in must reproduce so that chat
+    templates, assistant masks and completion masks behave as with the real model.
+
+    ``AutoTokenizer`` may rebuild a family-specific class whatever class was saved (transformers
+    5 does so for ``model_type="qwen2"``: NFC normaliser + Qwen's split regex); a recipe for such a
+    family must train the BPE with exactly that pipeline, or token ids change silently on reload.
+    """
+
+    split_pattern: str  # pre-tokenisation regex (isolated splits, then byte-level)
+    special_tokens: tuple[str, ...]  # appended after the BPE vocabulary, in this order
+    bos_token: str | None
+    eos_token: str  # end of an assistant turn (what chat generation stops on)
+    pad_token: str
+    stop_tokens: tuple[str, ...]  # every token that ends generation (generation_config)
+    prepend_bos: bool = True  # the post-processor puts BOS in front of a plain encode
+    normalizer: str | None = None  # a ``tokenizers.normalizers`` class name, e.g. "NFC"
+    vocab_size: int = 3000  # BPE vocabulary before the special tokens
+    unk_token: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StandinShape:
-    """How to build a tiny randomly initialised stand-in of a family (tests, quickstart)."""
+    """How to build a tiny randomly initialised stand-in of a family (tests, quickstart): the
+    real architecture class at a tiny size, and the family's tokenizer recipe."""
 
     model_type: str  # transformers model_type, e.g. "llama"
     config: dict[str, Any]  # extra config kwargs (hidden_size, num_hidden_layers, …)
+    tokenizer: TokenizerRecipe | None = None  # None: no stand-in tokenizer can be made
 
 
 @dataclasses.dataclass(frozen=True)

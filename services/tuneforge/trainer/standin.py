@@ -8,7 +8,8 @@ so that chat templates, assistant masks and completion masks behave as with the 
 ``tuneforge_standin.json`` marks the directory as a random stand-in.
 
 Module-level imports stay light (``tokenizers``, torch and transformers load inside the function).
-Adding a family is one entry in ``TOKENIZER_RECIPES`` keyed by ``model_type``.
+Everything family-specific comes from the plugin: ``spec.standin`` names the architecture and
+carries the ``TokenizerRecipe``, so a new family needs no edit here.
 """
 
 from __future__ import annotations
@@ -24,60 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tuneforge.training import BaseModelSpec
+    from tuneforge.training import BaseModelSpec, TokenizerRecipe
 
 STANDIN_MARKER = "tuneforge_standin.json"
 STANDIN_NOTE = "randomly initialised stand-in, not real weights"
-
-# Llama 3's pre-tokenisation regex (tiktoken cl100k style). `\s*[\r\n]+` keeps runs of newlines
-# together wherever they occur, so "\n\n" tokenises alike mid-text and at the end of a prompt.
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerRecipe:
-    """How a family's tokenizer is put together (the parts a stand-in must reproduce).
-
-    Qwen2 note for whoever adds it: ``AutoTokenizer`` rebuilds a ``Qwen2Tokenizer`` for
-    ``model_type="qwen2"`` (NFC normaliser + Qwen's own split regex) whatever class was saved, so
-    its recipe must train the BPE with exactly that pipeline (``normalizer="NFC"`` and Qwen's
-    pattern), or token ids change silently on reload.
-    """
-
-    split_pattern: str
-    special_tokens: tuple[str, ...]  # appended after the BPE vocabulary, in this order
-    bos_token: str | None
-    eos_token: str  # end of an assistant turn (what chat generation stops on)
-    pad_token: str
-    stop_tokens: tuple[str, ...]  # every token that ends generation (generation_config)
-    prepend_bos: bool = True  # the post-processor puts BOS in front of a plain encode
-    normalizer: str | None = None  # e.g. "NFC"
-    vocab_size: int = 3000  # BPE vocabulary before the special tokens
-
-
-TOKENIZER_RECIPES: dict[str, TokenizerRecipe] = {
-    "llama": TokenizerRecipe(
-        split_pattern=LLAMA3_SPLIT_PATTERN,
-        special_tokens=(
-            "<|begin_of_text|>",
-            "<|end_of_text|>",
-            "<|finetune_right_pad_id|>",
-            "<|start_header_id|>",
-            "<|end_header_id|>",
-            "<|eom_id|>",
-            "<|eot_id|>",
-            "<|python_tag|>",
-        ),
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        stop_tokens=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-    ),
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Built-in corpus: varied English, JSON snippets, code and chat-prompt boilerplate. Generated with
@@ -269,7 +220,7 @@ def builtin_corpus(n_lines: int = 6000) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(recipe: TokenizerRecipe, corpus: Iterable[str]):
+def _train_tokenizer(recipe: "TokenizerRecipe", corpus: Iterable[str]):
     """Train the byte-level BPE of ``recipe`` on ``corpus``; returns a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
@@ -318,12 +269,9 @@ def make_standin(
     if spec.standin is None:
         raise ValueError(f"{spec.id}: the catalog entry declares no stand-in shape")
     model_type = spec.standin.model_type
-    recipe = TOKENIZER_RECIPES.get(model_type)
+    recipe = spec.standin.tokenizer
     if recipe is None:
-        raise ValueError(
-            f"{spec.id}: no stand-in tokenizer recipe for model_type {model_type!r} "
-            f"(known: {', '.join(sorted(TOKENIZER_RECIPES))})"
-        )
+        raise ValueError(f"{spec.id}: the catalog entry's stand-in shape has no tokenizer recipe")
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
@@ -337,6 +285,7 @@ def make_standin(
         bos_token=recipe.bos_token,
         eos_token=recipe.eos_token,
         pad_token=recipe.pad_token,
+        **({"unk_token": recipe.unk_token} if recipe.unk_token else {}),
         clean_up_tokenization_spaces=False,
         model_max_length=int(spec.standin.config.get("max_position_embeddings", spec.context_length)),
     )

@@ -158,20 +158,29 @@ class TrainingProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingMetrics(_message.Message):
-    __slots__ = ("steps", "epochs", "train_loss", "eval_loss", "stopped_early", "train_seconds")
+    __slots__ = ("steps", "epochs", "train_loss", "eval_loss", "stopped_early", "train_seconds", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
     steps: int
     epochs: float
     train_loss: float
     eval_loss: float
     stopped_early: bool
     train_seconds: float
-    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+    extra: _containers.ScalarMap[str, float]
+    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., train_seconds: _Optional[float] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ArtifactFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tuneforge.api.common.v1 import common_pb2 as tuneforge_dot_api_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>tuneforge/api/dataset_builder/v1/dataset_builder_service.proto\x12 tuneforge.api.dataset_builder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$tuneforge/api/common/v1/common.proto\"p\n\rImportOptions\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\x12:\n\x04mode\x18\x03 \x01(\x0e\x32,.tuneforge.api.dataset_builder.v1.ImportMode\"h\n\x15ImportExamplesRequest\x12@\n\x07options\x18\x01 \x01(\x0b\x32/.tuneforge.api.dataset_builder.v1.ImportOptions\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"G\n\tLineError\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xb6\x01\n\x16ImportExamplesResponse\x12\x12\n\nlines_read\x18\x01 \x01(\x03\x12\x10\n\x08imported\x18\x02 \x01(\x03\x12\x12\n\nduplicates\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12;\n\x06\x65rrors\x18\x05 \x03(\x0b\x32+.tuneforge.api.dataset_builder.v1.LineError\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x03\"\x13\n\x11ListTopicsRequest\"\xbe\x01\n\nTopicCount\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12U\n\rformat_counts\x18\x03 \x03(\x0b\x32>.tuneforge.api.dataset_builder.v1.TopicCount.FormatCountsEntry\x1a\x33\n\x11\x46ormatCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"j\n\x12ListTopicsResponse\x12<\n\x06topics\x18\x01 \x03(\x0b\x32,.tuneforge.api.dataset_builder.v1.TopicCount\x12\x16\n\x0etotal_examples\x18\x02 \x01(\x03\"\xbb\x01\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x0c\n\x04json\x18\x05 \x01(\t\x12\x13\n\x0bsource_name\x18\x06 \x01(\t\x12\x13\n\x0bsource_line\x18\x07 \x01(\x03\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13ListExamplesRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x14ListExamplesResponse\x12;\n\x08\x65xamples\x18\x01 \x03(\x0b\x32).tuneforge.api.dataset_builder.v1.Example\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x15\x44\x65leteExamplesRequest\x12\x13\n\x0b\x65xample_ids\x18\x01 \x03(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\")\n\x16\x44\x65leteExamplesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\xe1\x01\n\x13\x42uildDatasetRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0ftrain_on_inputs\x18\x06 \x01(\t\x12\x44\n\x11overlength_policy\x18\x07 \x01(\x0e\x32).tuneforge.api.common.v1.OverlengthPolicy\x12\x12\n\nmax_epochs\x18\x08 \x01(\x05\"\x86\x01\n\x14\x42uildDatasetResponse\x12\x38\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x34\n\x05\x66iles\x18\x02 \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xb4\x01\n\x12GetDatasetResponse\x12\x38\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x34\n\x05\x66iles\x18\x02 \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x16\x44ownloadDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"L\n\x17\x44ownloadDatasetResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".tuneforge.api.common.v1.FileChunk*e\n\nImportMode\x12\x1b\n\x17IMPORT_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMPORT_MODE_KEEP_VALID\x10\x01\x12\x1e\n\x1aIMPORT_MODE_ALL_OR_NOTHING\x10\x02\x32\xa0\x07\n\x15\x44\x61tasetBuilderService\x12\x85\x01\n\x0eImportExamples\x12\x37.tuneforge.api.dataset_builder.v1.ImportExamplesRequest\x1a\x38.tuneforge.api.dataset_builder.v1.ImportExamplesResponse(\x01\x12w\n\nListTopics\x12\x33.tuneforge.api.dataset_builder.v1.ListTopicsRequest\x1a\x34.tuneforge.api.dataset_builder.v1.ListTopicsResponse\x12}\n\x0cListExamples\x12\x35.tuneforge.api.dataset_builder.v1.ListExamplesRequest\x1a\x36.tuneforge.api.dataset_builder.v1.ListExamplesResponse\x12\x83\x01\n\x0e\x44\x65leteExamples\x12\x37.tuneforge.api.dataset_builder.v1.DeleteExamplesRequest\x1a\x38.tuneforge.api.dataset_builder.v1.DeleteExamplesResponse\x12}\n\x0c\x42uildDataset\x12\x35.tuneforge.api.dataset_builder.v1.BuildDatasetRequest\x1a\x36.tuneforge.api.dataset_builder.v1.BuildDatasetResponse\x12w\n\nGetDataset\x12\x33.tuneforge.api.dataset_builder.v1.GetDatasetRequest\x1a\x34.tuneforge.api.dataset_builder.v1.GetDatasetResponse\x12\x88\x01\n\x0f\x44ownloadDataset\x12\x38.tuneforge.api.dataset_builder.v1.DownloadDatasetRequest\x1a\x39.tuneforge.api.dataset_builder.v1.DownloadDatasetResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>tuneforge/api/dataset_builder/v1/dataset_builder_service.proto\x12 tuneforge.api.dataset_builder.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$tuneforge/api/common/v1/common.proto\"p\n\rImportOptions\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\x12:\n\x04mode\x18\x03 \x01(\x0e\x32,.tuneforge.api.dataset_builder.v1.ImportMode\"h\n\x15ImportExamplesRequest\x12@\n\x07options\x18\x01 \x01(\x0b\x32/.tuneforge.api.dataset_builder.v1.ImportOptions\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"G\n\tLineError\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xb6\x01\n\x16ImportExamplesResponse\x12\x12\n\nlines_read\x18\x01 \x01(\x03\x12\x10\n\x08imported\x18\x02 \x01(\x03\x12\x12\n\nduplicates\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12;\n\x06\x65rrors\x18\x05 \x03(\x0b\x32+.tuneforge.api.dataset_builder.v1.LineError\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x03\"\x13\n\x11ListTopicsRequest\"\xbe\x01\n\nTopicCount\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12U\n\rformat_counts\x18\x03 \x03(\x0b\x32>.tuneforge.api.dataset_builder.v1.TopicCount.FormatCountsEntry\x1a\x33\n\x11\x46ormatCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"j\n\x12ListTopicsResponse\x12<\n\x06topics\x18\x01 \x03(\x0b\x32,.tuneforge.api.dataset_builder.v1.TopicCount\x12\x16\n\x0etotal_examples\x18\x02 \x01(\x03\"@\n\x18SummarizeExamplesRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x14\n\x0c\x64\x61taset_kind\x18\x02 \x01(\t\"t\n\x19SummarizeExamplesResponse\x12\x15\n\rexample_count\x18\x01 \x01(\x03\x12\x1f\n\x17tool_call_example_count\x18\x02 \x01(\x03\x12\x1f\n\x17reasoning_example_count\x18\x03 \x01(\x03\"\xbb\x01\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x0c\n\x04json\x18\x05 \x01(\t\x12\x13\n\x0bsource_name\x18\x06 \x01(\t\x12\x13\n\x0bsource_line\x18\x07 \x01(\x03\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x13ListExamplesRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x14ListExamplesResponse\x12;\n\x08\x65xamples\x18\x01 \x03(\x0b\x32).tuneforge.api.dataset_builder.v1.Example\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x15\x44\x65leteExamplesRequest\x12\x13\n\x0b\x65xample_ids\x18\x01 \x03(\t\x12\x0e\n\x06topics\x18\x02 \x03(\t\")\n\x16\x44\x65leteExamplesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\xe1\x01\n\x13\x42uildDatasetRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0ftrain_on_inputs\x18\x06 \x01(\t\x12\x44\n\x11overlength_policy\x18\x07 \x01(\x0e\x32).tuneforge.api.common.v1.OverlengthPolicy\x12\x12\n\nmax_epochs\x18\x08 \x01(\x05\"\x86\x01\n\x14\x42uildDatasetResponse\x12\x38\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x34\n\x05\x66iles\x18\x02 \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xb4\x01\n\x12GetDatasetResponse\x12\x38\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x34\n\x05\x66iles\x18\x02 \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x16\x44ownloadDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"L\n\x17\x44ownloadDatasetResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".tuneforge.api.common.v1.FileChunk*e\n\nImportMode\x12\x1b\n\x17IMPORT_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16IMPORT_MODE_KEEP_VALID\x10\x01\x12\x1e\n\x1aIMPORT_MODE_ALL_OR_NOTHING\x10\x02\x32\xaf\x08\n\x15\x44\x61tasetBuilderService\x12\x85\x01\n\x0eImportExamples\x12\x37.tuneforge.api.dataset_builder.v1.ImportExamplesRequest\x1a\x38.tuneforge.api.dataset_builder.v1.ImportExamplesResponse(\x01\x12w\n\nListTopics\x12\x33.tuneforge.api.dataset_builder.v1.ListTopicsRequest\x1a\x34.tuneforge.api.dataset_builder.v1.ListTopicsResponse\x12\x8c\x01\n\x11SummarizeExamples\x12:.tuneforge.api.dataset_builder.v1.SummarizeExamplesRequest\x1a;.tuneforge.api.dataset_builder.v1.SummarizeExamplesResponse\x12}\n\x0cListExamples\x12\x35.tuneforge.api.dataset_builder.v1.ListExamplesRequest\x1a\x36.tuneforge.api.dataset_builder.v1.ListExamplesResponse\x12\x83\x01\n\x0e\x44\x65leteExamples\x12\x37.tuneforge.api.dataset_builder.v1.DeleteExamplesRequest\x1a\x38.tuneforge.api.dataset_builder.v1.DeleteExamplesResponse\x12}\n\x0c\x42uildDataset\x12\x35.tuneforge.api.dataset_builder.v1.BuildDatasetRequest\x1a\x36.tuneforge.api.dataset_builder.v1.BuildDatasetResponse\x12w\n\nGetDataset\x12\x33.tuneforge.api.dataset_builder.v1.GetDatasetRequest\x1a\x34.tuneforge.api.dataset_builder.v1.GetDatasetResponse\x12\x88\x01\n\x0f\x44ownloadDataset\x12\x38.tuneforge.api.dataset_builder.v1.DownloadDatasetRequest\x1a\x39.tuneforge.api.dataset_builder.v1.DownloadDatasetResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOPICCOUNT_FORMATCOUNTSENTRY']._loaded_options = None
   _globals['_TOPICCOUNT_FORMATCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_IMPORTMODE']._serialized_start=2166
-  _globals['_IMPORTMODE']._serialized_end=2267
+  _globals['_IMPORTMODE']._serialized_start=2350
+  _globals['_IMPORTMODE']._serialized_end=2451
   _globals['_IMPORTOPTIONS']._serialized_start=171
   _globals['_IMPORTOPTIONS']._serialized_end=283
   _globals['_IMPORTEXAMPLESREQUEST']._serialized_start=285
@@ -53,28 +53,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPICCOUNT_FORMATCOUNTSENTRY']._serialized_end=861
   _globals['_LISTTOPICSRESPONSE']._serialized_start=863
   _globals['_LISTTOPICSRESPONSE']._serialized_end=969
-  _globals['_EXAMPLE']._serialized_start=972
-  _globals['_EXAMPLE']._serialized_end=1159
-  _globals['_LISTEXAMPLESREQUEST']._serialized_start=1161
-  _globals['_LISTEXAMPLESREQUEST']._serialized_end=1236
-  _globals['_LISTEXAMPLESRESPONSE']._serialized_start=1238
-  _globals['_LISTEXAMPLESRESPONSE']._serialized_end=1346
-  _globals['_DELETEEXAMPLESREQUEST']._serialized_start=1348
-  _globals['_DELETEEXAMPLESREQUEST']._serialized_end=1408
-  _globals['_DELETEEXAMPLESRESPONSE']._serialized_start=1410
-  _globals['_DELETEEXAMPLESRESPONSE']._serialized_end=1451
-  _globals['_BUILDDATASETREQUEST']._serialized_start=1454
-  _globals['_BUILDDATASETREQUEST']._serialized_end=1679
-  _globals['_BUILDDATASETRESPONSE']._serialized_start=1682
-  _globals['_BUILDDATASETRESPONSE']._serialized_end=1816
-  _globals['_GETDATASETREQUEST']._serialized_start=1818
-  _globals['_GETDATASETREQUEST']._serialized_end=1857
-  _globals['_GETDATASETRESPONSE']._serialized_start=1860
-  _globals['_GETDATASETRESPONSE']._serialized_end=2040
-  _globals['_DOWNLOADDATASETREQUEST']._serialized_start=2042
-  _globals['_DOWNLOADDATASETREQUEST']._serialized_end=2086
-  _globals['_DOWNLOADDATASETRESPONSE']._serialized_start=2088
-  _globals['_DOWNLOADDATASETRESPONSE']._serialized_end=2164
-  _globals['_DATASETBUILDERSERVICE']._serialized_start=2270
-  _globals['_DATASETBUILDERSERVICE']._serialized_end=3198
+  _globals['_SUMMARIZEEXAMPLESREQUEST']._serialized_start=971
+  _globals['_SUMMARIZEEXAMPLESREQUEST']._serialized_end=1035
+  _globals['_SUMMARIZEEXAMPLESRESPONSE']._serialized_start=1037
+  _globals['_SUMMARIZEEXAMPLESRESPONSE']._serialized_end=1153
+  _globals['_EXAMPLE']._serialized_start=1156
+  _globals['_EXAMPLE']._serialized_end=1343
+  _globals['_LISTEXAMPLESREQUEST']._serialized_start=1345
+  _globals['_LISTEXAMPLESREQUEST']._serialized_end=1420
+  _globals['_LISTEXAMPLESRESPONSE']._serialized_start=1422
+  _globals['_LISTEXAMPLESRESPONSE']._serialized_end=1530
+  _globals['_DELETEEXAMPLESREQUEST']._serialized_start=1532
+  _globals['_DELETEEXAMPLESREQUEST']._serialized_end=1592
+  _globals['_DELETEEXAMPLESRESPONSE']._serialized_start=1594
+  _globals['_DELETEEXAMPLESRESPONSE']._serialized_end=1635
+  _globals['_BUILDDATASETREQUEST']._serialized_start=1638
+  _globals['_BUILDDATASETREQUEST']._serialized_end=1863
+  _globals['_BUILDDATASETRESPONSE']._serialized_start=1866
+  _globals['_BUILDDATASETRESPONSE']._serialized_end=2000
+  _globals['_GETDATASETREQUEST']._serialized_start=2002
+  _globals['_GETDATASETREQUEST']._serialized_end=2041
+  _globals['_GETDATASETRESPONSE']._serialized_start=2044
+  _globals['_GETDATASETRESPONSE']._serialized_end=2224
+  _globals['_DOWNLOADDATASETREQUEST']._serialized_start=2226
+  _globals['_DOWNLOADDATASETREQUEST']._serialized_end=2270
+  _globals['_DOWNLOADDATASETRESPONSE']._serialized_start=2272
+  _globals['_DOWNLOADDATASETRESPONSE']._serialized_end=2348
+  _globals['_DATASETBUILDERSERVICE']._serialized_start=2454
+  _globals['_DATASETBUILDERSERVICE']._serialized_end=3525
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,24 @@ class ListTopicsResponse(_message.Message):
     total_examples: int
     def __init__(self, topics: _Optional[_Iterable[_Union[TopicCount, _Mapping]]] = ..., total_examples: _Optional[int] = ...) -> None: ...
 
+class SummarizeExamplesRequest(_message.Message):
+    __slots__ = ("topics", "dataset_kind")
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_KIND_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    dataset_kind: str
+    def __init__(self, topics: _Optional[_Iterable[str]] = ..., dataset_kind: _Optional[str] = ...) -> None: ...
+
+class SummarizeExamplesResponse(_message.Message):
+    __slots__ = ("example_count", "tool_call_example_count", "reasoning_example_count")
+    EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    example_count: int
+    tool_call_example_count: int
+    reasoning_example_count: int
+    def __init__(self, example_count: _Optional[int] = ..., tool_call_example_count: _Optional[int] = ..., reasoning_example_count: _Optional[int] = ...) -> None: ...
+
 class Example(_message.Message):
     __slots__ = ("example_id", "content_hash", "format", "topics", "json", "source_name", "source_line", "created_at")
     EXAMPLE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class DatasetBuilderServiceStub:
                 request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsResponse.FromString,
                 _registered_method=True)
+        self.SummarizeExamples = channel.unary_unary(
+                '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/SummarizeExamples',
+                request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesResponse.FromString,
+                _registered_method=True)
         self.ListExamples = channel.unary_unary(
                 '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/ListExamples',
                 request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListExamplesRequest.SerializeToString,
@@ -85,6 +90,14 @@ class DatasetBuilderServiceServicer:
 
     def ListTopics(self, request, context):
         """Lists the workspace's topics with example counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SummarizeExamples(self, request, context):
+        """Describes what the workspace's examples under a topic filter need from a base model (tool
+        calls, reasoning traces), so a job can be refused before its dataset is built.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +150,11 @@ def add_DatasetBuilderServiceServicer_to_server(servicer, server):
                     servicer.ListTopics,
                     request_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsRequest.FromString,
                     response_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsResponse.SerializeToString,
+            ),
+            'SummarizeExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeExamples,
+                    request_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesResponse.SerializeToString,
             ),
             'ListExamples': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExamples,
@@ -219,6 +237,33 @@ class DatasetBuilderService:
             '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/ListTopics',
             tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsRequest.SerializeToString,
             tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/SummarizeExamples',
+            tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesRequest.SerializeToString,
+            tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.SummarizeExamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class BaseModel(_message.Message):
-    __slots__ = ("id", "display_name", "description", "family", "parameter_count", "context_length", "lora_target_modules", "default_lora_target_modules", "capabilities")
+    __slots__ = ("id", "display_name", "description", "family", "parameter_count", "context_length", "lora_target_modules", "default_lora_target_modules", "capabilities", "source", "plugin")
     ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class BaseModel(_message.Message):
     LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
     id: str
     display_name: str
     description: str
@@ -52,7 +54,9 @@ class BaseModel(_message.Message):
     lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
     default_lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., default_lora_target_modules: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    source: str
+    plugin: str
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., default_lora_target_modules: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., plugin: _Optional[str] = ...) -> None: ...
 
 class ListBaseModelsRequest(_message.Message):
     __slots__ = ()
