@@ -29,6 +29,8 @@ class Registry:
     base_models: dict[str, BaseModelSpec]
     methods: dict[str, TrainingMethod]
     plugin_names: list[str]
+    model_plugins: dict[str, str] = dataclasses.field(default_factory=dict)  # catalog id -> plugin name
+    method_plugins: dict[str, str] = dataclasses.field(default_factory=dict)  # method name -> plugin name
 
     def base_model(self, model_id: str) -> BaseModelSpec:
         return self.base_models[model_id]
@@ -56,26 +58,36 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
 def collect(pm: pluggy.PluginManager) -> Registry:
     base_models: dict[str, BaseModelSpec] = {}
     methods: dict[str, TrainingMethod] = {}
+    model_plugins: dict[str, str] = {}
+    method_plugins: dict[str, str] = {}
 
-    def register_base_model(spec: BaseModelSpec) -> None:
+    def register_base_model(spec: BaseModelSpec, plugin: str) -> None:
         if not isinstance(spec, BaseModelSpec):
-            raise PluginError(f"register_base_models expects BaseModelSpec, got {type(spec).__name__}")
+            raise PluginError(f"plugin {plugin!r}: register_base_models expects BaseModelSpec, got {type(spec).__name__}")
         if spec.id in base_models:
-            raise PluginError(f"base model {spec.id!r} is registered twice")
+            raise PluginError(f"base model {spec.id!r} is registered twice (by {model_plugins[spec.id]!r} and {plugin!r})")
         base_models[spec.id] = spec
+        model_plugins[spec.id] = plugin
 
-    def register_method(method: TrainingMethod) -> None:
+    def register_method(method: TrainingMethod, plugin: str) -> None:
         for attr in ("name", "display_name", "dataset_kind", "train", "validate_options"):
             if not hasattr(method, attr):
-                raise PluginError(f"training method {method!r} lacks {attr!r}")
+                raise PluginError(f"plugin {plugin!r}: training method {method!r} lacks {attr!r}")
         if method.name in methods:
-            raise PluginError(f"training method {method.name!r} is registered twice")
+            raise PluginError(f"training method {method.name!r} is registered twice "
+                              f"(by {method_plugins[method.name]!r} and {plugin!r})")
         methods[method.name] = method
+        method_plugins[method.name] = plugin
 
-    pm.hook.register_base_models(register=register_base_model)
-    pm.hook.register_training_methods(register=register_method)
+    # Each implementation is called with a register bound to its plugin's name, so the catalog
+    # can say which plugin brought a model (pluggy's own call order: last registered first).
+    for hook, register in ((pm.hook.register_base_models, register_base_model),
+                           (pm.hook.register_training_methods, register_method)):
+        for impl in reversed(hook.get_hookimpls()):
+            impl.function(register=functools.partial(register, plugin=impl.plugin_name))
     names = sorted(name for name, _ in pm.list_name_plugin() if name)
-    return Registry(base_models=base_models, methods=methods, plugin_names=names)
+    return Registry(base_models=base_models, methods=methods, plugin_names=names,
+                    model_plugins=model_plugins, method_plugins=method_plugins)
 
 
 @functools.lru_cache(maxsize=1)

@@ -363,6 +363,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                     lora_target_modules=s.lora_target_modules,
                     default_lora_target_modules=s.default_lora_target_modules,
                     capabilities=s.capabilities,
+                    source=s.source,
+                    plugin=registry.model_plugins.get(s.id, ""),
                 )
                 for s in sorted(registry.base_models.values(), key=lambda s: s.id)
             ],
