@@ -136,9 +136,9 @@ def training_chat_template() -> str:
     return resources.files(__package__).joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
 
 
-def standin_shape(arch: Architecture) -> StandinShape:
+def standin_shape(arch: Architecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
     return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
-                        tokenizer=TOKENIZER)
+                        tokenizer=tokenizer)
 
 
 def build_spec(entry: CatalogEntry) -> BaseModelSpec:
