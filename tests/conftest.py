@@ -107,6 +107,9 @@ async def services(tmp_path):
             port = await service.start(port=0)
             started.append(service)
             endpoints[name] = f"127.0.0.1:{port}"
+            # the bound port, as a deployment configures it: the job-scheduler asks the
+            # dataset-builder (started before it) at settings.dataset_builder_port
+            setattr(settings, f"{name.replace('-', '_')}_port", port)
         handle = ServicesHandle((endpoints, settings))
         handle.apps = {s.name: s for s in started}
         yield handle

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,6 +16,10 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.integration
+TEN_CATALOG_MODELS = [
+    "deepseek-r1-distill-llama-70b", "deepseek-r1-distill-qwen-1.5b", "deepseek-r1-distill-qwen-14b",
+    "llama-3.1-70b", "llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b", "qwen-2.5-14b", "qwen-2.5-72b",
+]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "conversations.jsonl"
 
 
@@ -52,6 +57,22 @@ def test_up_cli_round_trip_and_clean_stop(tmp_path):
                             "--email", "me@acme.test").stdout
         key = re.search(r"API key \(shown once\): (\S+)", created).group(1)
         time.sleep(0.5)  # the key reaches the other services by event
+
+        catalog = json.loads(tuneforge(data_dir, "models", "catalog", "--json", key=key).stdout)
+        by_id = {m["id"]: m for m in catalog["base_models"]}
+        builtin = sorted(i for i, m in by_id.items() if m["plugin"] in ("llama", "qwen", "deepseek"))
+        assert builtin == TEN_CATALOG_MODELS  # the product description's ten
+        mistral_installed = importlib.util.find_spec("tuneforge_mistral") is not None
+        assert len(by_id) == (12 if mistral_installed else 10)
+        qwen72 = by_id["qwen-2.5-72b"]
+        assert (qwen72["display_name"], qwen72["source"], int(qwen72["parameter_count"]), int(qwen72["context_length"])) == (
+            "Qwen 2.5 72B", "Qwen/Qwen2.5-72B-Instruct", 72_706_203_648, 32_768)
+        assert qwen72["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
+        assert by_id["deepseek-r1-distill-qwen-14b"]["capabilities"] == ["reasoning"]
+        assert "sft" in catalog["methods"]
+        table = tuneforge(data_dir, "models", "catalog", key=key).stdout
+        assert re.search(r"deepseek-r1-distill-llama-70b\s+Deepseek R1 - Llama 3.3 70B Distil\s+70.6B\s+128k", table)
+        assert re.search(r"llama-3.1-8b .* tool_calling,planning\s+llama\s+meta-llama/Llama-3.1-8B-Instruct", table)
 
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "x"}\n')

@@ -249,6 +249,8 @@ def test_small_data_warnings(n, max_epochs, expected):
 def test_token_counter_matches_transformers_chat_template(standin):
     from transformers import AutoTokenizer
 
+    from tuneforge.training import template_messages
+
     spec = get_registry().base_model(MODEL)
     counter = TokenCounter.for_model(standin.parent, MODEL, spec.training_chat_template)
     assert counter is not None and MODEL in counter.name
@@ -258,8 +260,9 @@ def test_token_counter_matches_transformers_chat_template(standin):
     assert sum("tools" in b for b in bodies) >= 9
     counts = counter.count(bodies)
     for body, n in zip(bodies, counts):
-        ids = tokenizer.apply_chat_template(body["messages"], tools=body.get("tools"), tokenize=True,
-                                            return_dict=True)["input_ids"]
+        # rendered as the trainer renders it: tool-call arguments as objects
+        ids = tokenizer.apply_chat_template(template_messages(body["messages"]), tools=body.get("tools"),
+                                            tokenize=True, return_dict=True)["input_ids"]
         assert n == len(ids), body
     # a preference pair counts its longer sequence
     pair = stored([{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": "short",
@@ -711,5 +714,79 @@ async def test_rebuilds_reuse_stored_token_counts_until_the_tokenizer_changes(se
         third = (await build(clients, seed=3)).dataset
         assert third.tokenizer and app.token_counter(MODEL).key != counter.key
         assert third.train_tokens.count + third.test_tokens.count == 40
+    finally:
+        await clients.close()
+
+
+async def test_openai_text_content_parts_are_imported_as_joined_strings(services, tmp_path):
+    """OpenAI lines whose contents are lists of text parts: every line is stored, in the universal
+    form with each content joined (in order, no separator), so the same lines written with plain
+    strings are duplicates of them. Conversations and preference pairs in both spellings."""
+    endpoints, _ = services
+    clients = await workspace(endpoints)
+
+    def parts(*texts):
+        return [{"type": "text", "text": t} for t in texts]
+
+    def pair(with_parts: bool, i: int):
+        c = parts if with_parts else (lambda *t: "".join(t))
+        return [
+            {"messages": [{"role": "system", "content": c("You are ", "brief.")},
+                          {"role": "user", "content": c(f"Question {i}, ", "part two.")},
+                          {"role": "assistant", "content": c("Answer", f" {i}", ".")}]},
+            {"messages": [{"role": "user", "content": c(f"Weather in C{i}?", "")},
+                          {"role": "assistant", "content": c("Let me ", "check."),
+                           "tool_calls": [call("c1", "get_weather", {"city": f"C{i}"})]},
+                          {"role": "tool", "tool_call_id": "c1", "content": c('{"temp":', f" {i}}}")},
+                          {"role": "assistant", "content": c(f"{i} degrees."), "weight": 1}],
+             "tools": TOOLS},
+        ], [
+            {"input": {"messages": [{"role": "user", "content": c("Pick ", f"{i}")}]},
+             "preferred_output": [{"role": "assistant", "content": c("Good ", f"{i}")}],
+             "non_preferred_output": [{"role": "assistant", "content": c("Bad ", f"{i}")}]},
+            {"prompt": [{"role": "user", "content": c("Say ", f"{i + 100}")}],
+             "chosen": [{"role": "assistant", "content": c(f"{i + 100}", "!")}],
+             "rejected": [{"role": "assistant", "content": c("no")}]},
+        ]
+
+    def contents(body):
+        lists = [body.get("messages"), body.get("input", {}).get("messages"), body.get("preferred_output"),
+                 body.get("non_preferred_output")]
+        return [m.get("content") for msgs in lists if msgs for m in msgs]
+
+    try:
+        sft = [o for i in range(10) for o in pair(True, i)[0]]
+        prefs = [o for i in range(10) for o in pair(True, i)[1]]
+        for objs, name in ((sft, "sft.jsonl"), (prefs, "prefs.jsonl")):
+            reply = await import_bytes(clients, write_jsonl(tmp_path / name, objs).read_bytes(), source=name)
+            assert (reply.imported, reply.rejected, reply.lines_read, list(reply.errors)) == (20, 0, 20, [])
+        stored_rows, _ = await list_all(clients)
+        assert len(stored_rows) == 40
+        bodies = {r.content_hash: json.loads(r.json) for r in stored_rows}
+        assert all(isinstance(c, str) for b in bodies.values() for c in contents(b) if c is not None)
+        assert all('"type": "text"' not in r.json and '"type":"text"' not in r.json for r in stored_rows)
+        by_source = {(r.source_name, r.source_line): json.loads(r.json) for r in stored_rows}
+        first = by_source[("sft.jsonl", 1)]
+        assert [m["content"] for m in first["messages"]] == ["You are brief.", "Question 0, part two.", "Answer 0."]
+        tool = by_source[("sft.jsonl", 4)]
+        assert [m.get("content") for m in tool["messages"]] == ["Weather in C1?", "Let me check.", '{"temp": 1}',
+                                                                "1 degrees."]
+        chosen_rejected = by_source[("prefs.jsonl", 2)]
+        assert chosen_rejected == {"input": {"messages": [{"role": "user", "content": "Say 100"}]},
+                                   "preferred_output": [{"role": "assistant", "content": "100!"}],
+                                   "non_preferred_output": [{"role": "assistant", "content": "no"}]}
+        # the same lines with plain strings are the same examples (same hash): all duplicates
+        for objs, name in (([o for i in range(10) for o in pair(False, i)[0]], "sft-strings.jsonl"),
+                           ([o for i in range(10) for o in pair(False, i)[1]], "prefs-strings.jsonl")):
+            reply = await import_bytes(clients, write_jsonl(tmp_path / name, objs).read_bytes(), source=name)
+            assert (reply.imported, reply.duplicates, reply.rejected) == (0, 20, 0)
+        # a non-text part is refused with its own code, and takes no good line with it
+        image = {"messages": [{"role": "user", "content": parts("What is this?") + [
+            {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]},
+            {"role": "assistant", "content": "A cat."}]}
+        reply = await import_bytes(clients, write_jsonl(tmp_path / "img.jsonl", [simple(1000), image]).read_bytes())
+        assert (reply.imported, reply.rejected) == (1, 1)
+        assert [(e.line, e.field, e.code) for e in reply.errors] == [
+            (2, "messages[0].content[1].type", "unsupported_content_part")]
     finally:
         await clients.close()

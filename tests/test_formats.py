@@ -38,6 +38,10 @@ def tool_conv(*, args=None, call_name="get_weather", tool_call_id="call_1", tool
     return obj
 
 
+def call_weather(cid: str = "call_1") -> dict:
+    return {"id": cid, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
 def pref(i: int) -> dict:
     return {"input": {"messages": [{"role": "user", "content": f"q{i}"}]},
             "preferred_output": [{"role": "assistant", "content": f"good {i}"}],
@@ -151,6 +155,34 @@ CASES = [
     ("identical_preference-chosen-rejected", enc({"prompt": "q", "chosen": "same", "rejected": [
         {"role": "assistant", "content": "same"}]}), [("chosen", "identical_preference")], "preference", 2),
     ("line_too_long", enc({"text": "a" * (formats.MAX_LINE_BYTES + 1)}), [("", "line_too_long")], "text", 3),
+    # OpenAI content parts: text parts are accepted (joined); anything else is refused
+    ("unsupported_content_part", enc(msgs({"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}, A)),
+     [("messages[0].content[1].type", "unsupported_content_part")], "conversation", 3),
+    ("unsupported_content_part-preference-input", enc({"input": {"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]},
+        "preferred_output": [A], "non_preferred_output": [{"role": "assistant", "content": "other"}]}),
+     [("input.messages[0].content[0].type", "unsupported_content_part")], "preference", 2),
+    ("unsupported_content_part-beside-tool-calls", enc(msgs(U, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": "no"}], "tool_calls": [call_weather()]}, tools=TOOLS)),
+     [("messages[1].content[0].type", "unsupported_content_part")], "conversation", 5),
+    ("invalid_content_part", enc(msgs(U, {"role": "assistant", "content": [{"type": "text"}]})),
+     [("messages[1].content[0].text", "invalid_content_part")], "conversation", 4),
+    ("invalid_content_part-empty-list", enc(msgs({"role": "user", "content": []}, A)),
+     [("messages[0].content", "invalid_content_part")], "conversation", 2),
+    ("invalid_content_part-not-object", enc(msgs({"role": "user", "content": ["hi", {"type": "text", "text": "x"}]}, A)),
+     [("messages[0].content[0]", "invalid_content_part")], "conversation", 6),
+    ("invalid_content_part-no-type", enc(msgs({"role": "system", "content": [{"text": "be brief"}]}, U, A)),
+     [("messages[0].content[0].type", "invalid_content_part")], "conversation", 3),
+    ("invalid_content_part-chosen", enc({"prompt": "q", "chosen": [{"role": "assistant", "content": [
+        {"type": "text", "text": 7}]}], "rejected": "b"}),
+     [("chosen[0].content[0].text", "invalid_content_part")], "preference", 4),
+    ("empty_content-parts", enc(msgs(U, {"role": "assistant", "content": [{"type": "text", "text": " "},
+                                                                          {"type": "text", "text": "\n"}]})),
+     [("messages[1].content", "empty_content")], "conversation", 3),
+    ("content_not_string-parts-object", enc(msgs(U, {"role": "assistant", "content": {"type": "text", "text": "x"}})),
+     [("messages[1].content", "content_not_string")], "conversation", 2),
 ]
 
 
@@ -323,3 +355,70 @@ def test_nan_and_infinity_are_not_json():
 def test_line_topics_longer_than_100_characters_are_rejected():
     _, errors = parse_line(enc({**conv(1), "topics": ["t" * 101]}), 3)
     assert [(e.line, e.field, e.code) for e in errors] == [(3, "topics", "invalid_topics")]
+
+
+# --- OpenAI content parts ------------------------------------------------------------------------
+
+def parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_text_content_parts_are_joined_and_hash_like_the_string_in_every_format():
+    """A line whose contents are text parts is the same example as the line with the joined
+    strings: same universal body, same hash. Parts are joined in order with no separator."""
+    tool_calling = {"role": "assistant", "tool_calls": [call_weather()]}
+    pairs = [  # (with parts, with strings)
+        (msgs({"role": "system", "content": parts("Be ", "brief.")}, {"role": "user", "content": parts("Weather", " in Paris?")},
+              {**tool_calling, "content": parts("Checking", "...")},
+              {"role": "tool", "tool_call_id": "call_1", "content": parts('{"temp_c":', " 21}")},
+              {"role": "assistant", "content": parts("It is ", "21", " degrees."), "weight": 1}, tools=TOOLS),
+         msgs({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+              {**tool_calling, "content": "Checking..."},
+              {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+              {"role": "assistant", "content": "It is 21 degrees.", "weight": 1}, tools=TOOLS)),
+        ({"input": {"messages": [{"role": "user", "content": parts("q", "1")}]},
+          "preferred_output": [{"role": "assistant", "content": parts("good", " 1")}],
+          "non_preferred_output": [{"role": "assistant", "content": parts("bad 1")}]},
+         pref(1)),
+        ({"prompt": [{"role": "user", "content": parts("q1")}], "chosen": [{"role": "assistant", "content": parts("go", "od 1")}],
+          "rejected": [{"role": "assistant", "content": parts("", "bad 1")}]},
+         {"prompt": "q1", "chosen": "good 1", "rejected": "bad 1"}),
+    ]
+    for with_parts, with_strings in pairs:
+        a, errors = parse_line(enc(with_parts), 1)
+        assert errors == [] and a is not None
+        b, errors = parse_line(enc(with_strings), 1)
+        assert errors == [] and b is not None
+        assert a.body == b.body and a.content_hash == b.content_hash and a.canonical_json == b.canonical_json
+        assert '"type":"text"' not in a.canonical_json
+    conversation = parse_line(enc(pairs[0][0]), 1)[0]
+    assert [m.get("content") for m in conversation.body["messages"]] == [
+        "Be brief.", "Weather in Paris?", "Checking...", '{"temp_c": 21}', "It is 21 degrees."]
+    # the universal form of a parts line re-imports as itself
+    again = parse_line(conversation.canonical_json.encode(), 1)[0]
+    assert again.content_hash == conversation.content_hash
+
+
+def test_identical_preference_is_found_through_content_parts():
+    line = enc({"input": {"messages": [U]}, "preferred_output": [{"role": "assistant", "content": parts("sa", "me")}],
+                "non_preferred_output": [{"role": "assistant", "content": "same"}]})
+    _, errors = parse_line(line, 1)
+    assert [(e.field, e.code) for e in errors] == [("preferred_output", "identical_preference")]
+
+
+def test_content_part_errors_name_the_part_its_type_and_what_to_do():
+    line = enc(msgs({"role": "user", "content": parts("Look: ") + [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "file", "file": {"file_id": "file-1"}}, {"type": "text"}]}, A))
+    _, errors = parse_line(line, 7)
+    assert [(e.line, e.field, e.code) for e in errors] == [
+        (7, "messages[0].content[1].type", "unsupported_content_part"),
+        (7, "messages[0].content[2].type", "unsupported_content_part"),
+        (7, "messages[0].content[3].text", "invalid_content_part"),
+    ]
+    assert "part 1" in errors[0].message and "'image_url'" in errors[0].message
+    assert "only text parts can be fine-tuned" in errors[0].message
+    assert "part 2" in errors[1].message and "'file'" in errors[1].message
+    assert "part 3" in errors[2].message and '"text"' in errors[2].message
+    # a parts line that is otherwise fine never reports empty_content on top of a part error
+    assert "empty_content" not in {e.code for e in errors}

@@ -211,6 +211,21 @@ def _parse_sets(pairs: list[str]):
     return hp
 
 
+def _parse_options(pairs: list[str]) -> str:
+    """``--option beta=0.2`` → the method options as a JSON object (values read as JSON where
+    they parse: numbers, true/false, null; otherwise as strings). The method validates them."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return json.dumps(options) if options else ""
+
+
 def cmd_job_create(args) -> int:
     from tuneforge.api.common.v1 import common_pb2
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
@@ -219,6 +234,7 @@ def cmd_job_create(args) -> int:
         async with _clients(args) as clients:
             spec = js.JobSpec(name=args.name, description=args.description or "", topics=args.topic or [],
                               base_model=args.base_model, method=args.method,
+                              method_options_json=_parse_options(args.option or []),
                               hyperparameters=_parse_sets(args.set or []), notify_email=args.notify or "",
                               overlength_policy=common_pb2.OverlengthPolicy.Value(
                                   f"OVERLENGTH_POLICY_{args.overlength.upper()}"))
@@ -284,6 +300,40 @@ def cmd_models_list(args) -> int:
     return _run(run())
 
 
+def _human_count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def cmd_models_catalog(args) -> int:
+    from google.protobuf import json_format
+
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        async with _clients(args) as clients:
+            reply = await clients.job_scheduler.ListBaseModels(js.ListBaseModelsRequest())
+        if args.json:
+            doc = json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+            print(json.dumps(doc, indent=2))
+            return 0
+        rows = [("ID", "NAME", "PARAMS", "CONTEXT", "FAMILY", "CAPABILITIES", "PLUGIN", "SOURCE")]
+        for m in reply.base_models:
+            rows.append((m.id, m.display_name, _human_count(m.parameter_count), f"{m.context_length // 1024}k",
+                         m.family, ",".join(m.capabilities) or "-", m.plugin or "-", m.source))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
+        print(f"\n{len(reply.base_models)} base models; methods: {', '.join(reply.methods)}. "
+              "LoRA modules per model: --json.")
+        return 0
+
+    return _run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune, own and host your own LLMs.")
     parser.add_argument("--data-dir", help="state directory (default .tuneforge or $TUNEFORGE_DATA_DIR)")
@@ -305,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="catalog id, e.g. llama-3.2-1b")
     p.add_argument("--store", help="model store directory (default $TUNEFORGE_MODEL_STORE or <data dir>/models)")
     p.set_defaults(fn=cmd_make_standin)
+    p = models.add_parser("catalog", help="base models that can be fine-tuned (ListBaseModels)")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(fn=cmd_models_catalog)
     p = models.add_parser("list", help="list the workspace's fine-tuned models")
     p.set_defaults(fn=cmd_models_list)
 
@@ -330,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--description")
     p.add_argument("--base-model", required=True)
-    p.add_argument("--method", default="sft")
+    p.add_argument("--method", default="sft", help="sft or dpo (or a plugin's method)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. beta=0.1 for dpo (repeatable)")
     p.add_argument("--topic", action="append", help="topic filter (repeatable; default all)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="hyperparameter (repeatable)")
     p.add_argument("--notify", help="email to notify (default: workspace owner)")

@@ -111,26 +111,37 @@ def resolve_train_on_inputs(setting: str, examples: Sequence[StoredExample]) -> 
     return "; ".join(parts)
 
 
+def select_examples(examples: Sequence[StoredExample], topics: Sequence[str], kind: str,
+                    ) -> tuple[list[StoredExample], list[StoredExample]]:
+    """The build's first two steps: the examples of ``kind`` with one of ``topics`` (all when
+    empty), then those de-duplicated by content hash and ordered by it. Returns both lists."""
+    wanted = set(topics)
+    filtered = [
+        e for e in examples
+        if formats.KIND_OF_FORMAT[e.format] == kind and (not wanted or wanted.intersection(e.topics))
+    ]
+    unique: dict[str, StoredExample] = {}
+    for e in filtered:
+        unique.setdefault(e.content_hash, e)
+    return filtered, sorted(unique.values(), key=lambda e: e.content_hash)
+
+
 def build_snapshot(
     examples: Sequence[StoredExample],
     options: BuildOptions,
     count_tokens: Callable[[list[dict[str, Any]]], list[int]] | None = None,
     tokenizer: str = "",
     known_counts: dict[str, int] | None = None,
+    extra_warnings: Sequence[str] = (),
 ) -> Snapshot:
     """``known_counts`` (content hash -> tokens, same tokenizer) skips counting those examples;
-    the counts made here are returned in ``Snapshot.new_counts`` for the caller to keep."""
+    the counts made here are returned in ``Snapshot.new_counts`` for the caller to keep.
+    ``extra_warnings`` (the caller's findings, e.g. data the base model cannot take) come last."""
     if options.overlength not in OVERLENGTH_POLICIES:
         raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}")
     wanted = set(options.topics)
-    filtered = [
-        e for e in examples
-        if formats.KIND_OF_FORMAT[e.format] == options.kind and (not wanted or wanted.intersection(e.topics))
-    ]
-    unique: dict[str, StoredExample] = {}
-    for e in filtered:
-        unique.setdefault(e.content_hash, e)
-    ordered = sorted(unique.values(), key=lambda e: e.content_hash)
+    filtered, ordered = select_examples(examples, options.topics, options.kind)
+    unique = {e.content_hash for e in ordered}
     lengths: dict[str, int] = {}
     overlength: list[str] = []
     new_counts: dict[str, int] = {}
@@ -162,7 +173,7 @@ def build_snapshot(
         stats = {split: token_stats([lengths[e.content_hash] for e in rows]) for split, rows in
                  (("train", train), ("test", test))}
     rule = resolve_train_on_inputs(options.train_on_inputs, kept)
-    warnings = _warnings(counts, options, tokenizer if count_tokens else "")
+    warnings = _warnings(counts, options, tokenizer if count_tokens else "") + list(extra_warnings)
     key = {**options.key(), "tokenizer": tokenizer if count_tokens else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for h in sorted(unique):

@@ -153,6 +153,49 @@ def _tool_names(tools: Any, line: int, tools_path: str, errors: "_Errors | None"
     return names
 
 
+def _content_text(content: Any, line: int, path: str, errors: _Errors) -> str | None:
+    """A message's ``content`` as one string: a string as is, or OpenAI content parts (a list of
+    ``{"type": "text", "text": ...}``) joined in order with no separator, as OpenAI does. Only text
+    can be fine-tuned: another part type is ``unsupported_content_part``; a malformed part or an
+    empty list is ``invalid_content_part``. None (with the errors added) when there is no text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        errors.add(line, path, "content_not_string",
+                   'content must be a string or a list of text parts ({"type": "text", "text": "..."})')
+        return None
+    if not content:
+        errors.add(line, path, "invalid_content_part",
+                   "content is an empty list of parts; give a string or at least one text part")
+        return None
+    texts: list[str] = []
+    ok = True
+    for i, part in enumerate(content):
+        ppath = f"{path}[{i}]"
+        if not isinstance(part, dict):
+            errors.add(line, ppath, "invalid_content_part",
+                       f'content part {i} must be an object such as {{"type": "text", "text": "..."}}')
+            ok = False
+            continue
+        kind = part.get("type")
+        if not isinstance(kind, str) or not kind:
+            errors.add(line, f"{ppath}.type", "invalid_content_part",
+                       f'content part {i} has no "type"; a text part is {{"type": "text", "text": "..."}}')
+            ok = False
+        elif kind != "text":
+            errors.add(line, f"{ppath}.type", "unsupported_content_part",
+                       f"content part {i} is of type {kind!r}; only text parts can be fine-tuned "
+                       "(remove images, audio and files, or describe them in text)")
+            ok = False
+        elif not isinstance(part.get("text"), str):
+            errors.add(line, f"{ppath}.text", "invalid_content_part",
+                       f'content part {i} is a text part without a string "text"')
+            ok = False
+        else:
+            texts.append(part["text"])
+    return "".join(texts) if ok else None
+
+
 def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Errors, *, need_assistant: bool,
                     tools_path: str = "tools", report_tools: bool = True) -> None:
     if not isinstance(messages, list) or not messages:
@@ -211,8 +254,8 @@ def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Er
                     call_id = call.get("id")
                     if isinstance(call_id, str) and call_id:
                         open_calls.add(call_id)
-                if content is not None and not isinstance(content, str):
-                    errors.add(line, f"{mpath}.content", "content_not_string", "content must be a string")
+                if content is not None:  # optional beside tool calls, and may be empty
+                    _content_text(content, line, f"{mpath}.content", errors)
                 continue
             if "reasoning" in msg and not isinstance(msg["reasoning"], str):
                 errors.add(line, f"{mpath}.reasoning", "content_not_string", "reasoning must be a string")
@@ -221,9 +264,8 @@ def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Er
             if call_id not in open_calls:
                 errors.add(line, f"{mpath}.tool_call_id", "orphan_tool_message",
                            f"tool message answers {call_id!r}, which no earlier assistant tool call made")
-        if not isinstance(content, str):
-            errors.add(line, f"{mpath}.content", "content_not_string", "content must be a string")
-        elif not content.strip():
+        text = _content_text(content, line, f"{mpath}.content", errors)
+        if text is not None and not text.strip():
             errors.add(line, f"{mpath}.content", "empty_content", "content is empty")
     if need_assistant and not has_assistant:
         errors.add(line, path, "no_assistant_turn", "there is no assistant message to learn from")
@@ -248,9 +290,12 @@ def _check_output(value: Any, line: int, path: str, errors: _Errors, tools: Any 
 
 
 def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI form: tool-call arguments as compact JSON strings (objects are encoded)."""
+    """OpenAI form: content as one string (text parts joined, no separator), tool-call arguments
+    as compact JSON strings (objects are encoded)."""
     out = []
     for msg in messages:
+        if isinstance(msg.get("content"), list):  # validated: text parts only
+            msg = {**msg, "content": "".join(part["text"] for part in msg["content"])}
         if msg.get("tool_calls"):
             msg = dict(msg)
             calls = []

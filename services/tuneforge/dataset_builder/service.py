@@ -9,14 +9,14 @@ import logging
 import secrets
 
 import grpc
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as pb
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2_grpc as pb_grpc
 from tuneforge.api.events.v1 import events_pb2 as ev
-from tuneforge.core import subjects
+from tuneforge.core import capabilities, subjects
 from tuneforge.core.db import utcnow
 from tuneforge.core.hyperparameters import TRAIN_ON_INPUTS_CHOICES
 from tuneforge.core.gcpause import gc_paused
@@ -25,6 +25,7 @@ from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, file_chunks, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
+from tuneforge.core.workspaces import Workspace, WorkspaceRow
 from tuneforge.dataset_builder import builder, formats
 from tuneforge.dataset_builder.tokens import TokenCounter
 from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow, TokenCountRow
@@ -61,6 +62,7 @@ class DatasetBuilder(BaseService):
                 meta.workspace_id, list(event.topics), event.method, event.dataset_kind,
                 event.base_model, event.test_fraction, event.seed,
                 event.train_on_inputs, event.overlength_policy, event.max_epochs,
+                require_capabilities=await self._trains(meta.workspace_id),
             )
         except ServiceError as exc:
             failed = ev.DatasetBuildFailed(
@@ -109,6 +111,13 @@ class DatasetBuilder(BaseService):
                 for i, h, fmt, body in rows
             ]
 
+    async def _trains(self, workspace_id: str) -> bool:
+        """Whether the workspace's plan fine-tunes (so its job's data must suit the base model).
+        A workspace not known here yet is treated as one that trains."""
+        async with self.db.session() as session:
+            row = await session.get(WorkspaceRow, workspace_id)
+        return row is None or Workspace(row.id, row.name, row.plan, row.owner_email).can_train
+
     def token_counter(self, base_model: str):
         """The base model's tokenizer from the model store (cached), or None when absent."""
         folder = self.settings.resolved_model_store() / base_model
@@ -125,7 +134,10 @@ class DatasetBuilder(BaseService):
         return cached[1]
 
     async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed,
-                    train_on_inputs="auto", overlength=common_pb2.OVERLENGTH_POLICY_UNSPECIFIED, max_epochs=0):
+                    train_on_inputs="auto", overlength=common_pb2.OVERLENGTH_POLICY_UNSPECIFIED, max_epochs=0,
+                    *, require_capabilities=False):
+        """Build (or find) the snapshot. ``require_capabilities`` (a job that fine-tunes): data the
+        base model cannot take (core.capabilities) is refused; otherwise it is a warning."""
         violations = []
         registry = get_registry()
         if method not in registry.methods:
@@ -149,11 +161,19 @@ class DatasetBuilder(BaseService):
             max_epochs=max_epochs or 20,
         )
         examples = await self.load_examples(workspace_id)
+        _, selected = builder.select_examples(examples, options.topics, kind)
+        refusal = capabilities.refusal(
+            base_model, spec.capabilities, await asyncio.to_thread(capabilities.summarize, [e.body for e in selected]),
+            capabilities.catalog_of(registry.base_models))
+        if refusal and require_capabilities:
+            raise bad_request(refusal, [("base_model", refusal)])
+        extra = [f"{refusal} A fine-tuning job on {base_model} is refused; the dataset itself can be downloaded."
+                 ] if refusal else []
         counter = await asyncio.to_thread(self.token_counter, base_model)
         known = await self._stored_counts(workspace_id, counter.key) if counter else {}
         snap = await asyncio.to_thread(
             builder.build_snapshot, examples, options, counter.count if counter else None,
-            counter.name if counter else "", known,
+            counter.name if counter else "", known, extra,
         )
         if snap.new_counts:
             await self._store_counts(workspace_id, counter.key, snap.new_counts)
@@ -237,6 +257,11 @@ class DatasetBuilder(BaseService):
             self.store.put_bytes(key, data)
             files.append({"path": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         return files
+
+
+def _summarize_json(bodies: list[str], total: int) -> capabilities.DataNeeds:
+    with gc_paused():
+        return capabilities.summarize((json.loads(b) for b in bodies), example_count=total)
 
 
 class _ImportParser:
@@ -403,6 +428,35 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
             tc.example_count += count
             tc.format_counts[fmt] = count
         return pb.ListTopicsResponse(topics=[topics[t] for t in sorted(topics)], total_examples=total or 0)
+
+    async def SummarizeExamples(self, request, context):
+        """What the examples a job would train on need from its base model (core.capabilities).
+        Filtered and de-duplicated as a build is (content hashes are unique per workspace); only
+        the examples whose canonical JSON holds a candidate substring are parsed to confirm."""
+        workspace = current_workspace()
+        kinds = sorted(set(formats.KIND_OF_FORMAT.values()))
+        if request.dataset_kind and request.dataset_kind not in kinds:
+            raise bad_request("invalid dataset kind",
+                              [("dataset_kind", f"one of {', '.join(kinds)}, or empty for both")])
+        conditions = [ExampleRow.workspace_id == workspace.id]
+        if request.dataset_kind:
+            conditions.append(ExampleRow.format.in_(
+                [f for f, k in formats.KIND_OF_FORMAT.items() if k == request.dataset_kind]))
+        if request.topics:
+            conditions.append(ExampleRow.id.in_(
+                select(ExampleTopicRow.example_id).where(ExampleTopicRow.workspace_id == workspace.id,
+                                                         ExampleTopicRow.topic.in_(sorted(set(request.topics))))))
+        candidate = or_(*(ExampleRow.body.contains(s, autoescape=True)
+                          for subs in capabilities.CANDIDATE_SUBSTRINGS.values() for s in subs))
+        async with self.app.db.session() as session:
+            total = (await session.execute(select(func.count()).select_from(ExampleRow).where(*conditions))).scalar()
+            bodies = (await session.execute(select(ExampleRow.body).where(*conditions, candidate))).scalars().all()
+        needs = await asyncio.to_thread(_summarize_json, bodies, total or 0)
+        return pb.SummarizeExamplesResponse(
+            example_count=needs.example_count,
+            tool_call_example_count=needs.tool_call_example_count,
+            reasoning_example_count=needs.reasoning_example_count,
+        )
 
     async def ListExamples(self, request, context):
         workspace = current_workspace()

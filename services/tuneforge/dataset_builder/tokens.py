@@ -16,7 +16,12 @@ import jinja2.ext
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tuneforge.training import template_messages
+
 ENCODE_BATCH = 4096
+# Bumped when what is rendered changes (2: tool-call arguments rendered from objects), so token
+# counts stored under an older rendering are not reused.
+RENDERING_VERSION = "render-2"
 
 
 class _Generation(jinja2.ext.Extension):
@@ -95,6 +100,7 @@ class TokenCounter:
         digest = hashlib.sha256(Path(tokenizer_file).read_bytes())
         digest.update(chat_template.encode())
         digest.update(f"{self.bos}|{self.eos}".encode())
+        digest.update(RENDERING_VERSION.encode())
         self.key = digest.hexdigest()
         self._pieces = _added_token_splitter(self.tokenizer)
 
@@ -117,7 +123,7 @@ class TokenCounter:
         return cls(tokenizer_file, chat_template, special, name=f"{model_id} ({tokenizer_file.parent.name})")
 
     def _render_messages(self, messages: list[dict[str, Any]], tools: list | None) -> str:
-        return self.template.render(messages=messages, tools=tools or None, bos_token=self.bos,
+        return self.template.render(messages=template_messages(messages), tools=tools or None, bos_token=self.bos,
                                     eos_token=self.eos, add_generation_prompt=False)
 
     def texts(self, example: dict[str, Any]) -> list[str]:

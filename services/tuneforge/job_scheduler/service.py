@@ -19,6 +19,7 @@ from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as pb_grpc
+from tuneforge.core import capabilities
 from tuneforge.core import hyperparameters as hp
 from tuneforge.core import subjects
 from tuneforge.core.datasets import describe_counts
@@ -28,6 +29,7 @@ from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.workspaces import hash_api_key, new_api_key
+from tuneforge.job_scheduler import capability_check
 from tuneforge.job_scheduler import state_machine as sm
 from tuneforge.job_scheduler.models import Base, CheckpointRow, JobEventRow, JobRow, WorkspaceSecretRow
 from tuneforge.plugins import get_registry
@@ -49,6 +51,10 @@ class JobScheduler(BaseService):
     def __init__(self, settings):
         super().__init__(settings)
         self._changed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.dataset_builder = capability_check.DatasetBuilderLine(settings)  # asked by _validate
+
+    async def on_stop(self) -> None:
+        await self.dataset_builder.close()
 
     def grpc_services(self):
         return [(pb_grpc.add_JobSchedulerServiceServicer_to_server, JobSchedulerServicer(self), SERVICE_NAME)]
@@ -371,7 +377,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             methods=sorted(registry.methods),
         )
 
-    def _validate(self, spec: pb.JobSpec, workspace) -> tuple[hp.ResolvedHyperparameters, list[str]]:
+    async def _validate(self, spec: pb.JobSpec, workspace, context) -> tuple[hp.ResolvedHyperparameters, list[str]]:
         registry = get_registry()
         violations: list[tuple[str, str]] = []
         if not NAME_RE.match(spec.name):
@@ -398,6 +404,14 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 violations.append(("spec.method_options_json", str(exc)))
         if spec.notify_email and not EMAIL_RE.match(spec.notify_email):
             violations.append(("spec.notify_email", "not an email address"))
+        findings = capability_check.Findings()
+        if base is not None and method is not None:  # can the base model take the data? (core.capabilities)
+            findings = await capability_check.check(
+                self.app.dataset_builder, base, list(spec.topics), method.dataset_kind,
+                capabilities.catalog_of(registry.base_models), trains=workspace.can_train,
+                metadata=capability_check.caller_authorization(context))
+            if findings.violation:
+                violations.append(("spec.base_model", findings.violation))
         resolved = None
         try:
             resolved = hp.resolve(
@@ -417,11 +431,12 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             warnings.append("lora_alpha far above lora_rank gives the adapter a strong influence")
         if not workspace.can_train:
             warnings.append(f"the {workspace.plan_name} plan builds the dataset only; fine-tuning needs Enterprise")
+        warnings.extend(findings.warnings)
         return resolved, warnings
 
     async def ValidateJob(self, request, context):
         workspace = current_workspace()
-        resolved, warnings = self._validate(request.spec, workspace)
+        resolved, warnings = await self._validate(request.spec, workspace, context)
         return pb.ValidateJobResponse(
             resolved_hyperparameters=hp.to_proto(resolved),
             dataset_only=not workspace.can_train,
@@ -472,7 +487,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 ).scalar_one_or_none()
                 if existing is not None:
                     return pb.CreateJobResponse(job=self._to_proto(existing))
-        resolved, warnings = self._validate(spec, workspace)
+        resolved, warnings = await self._validate(spec, workspace, context)
         registry = get_registry()
         method = registry.method(spec.method)
         job_id = "job_" + uuid.uuid4().hex[:20]
