@@ -18,7 +18,7 @@ from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
 from tuneforge.core.client import Clients
 from tuneforge.dataset_builder import formats
 from tuneforge.plugins import get_registry
-from tuneforge.quickstart import EXAMPLES, run_job
+from tuneforge.quickstart import BASE_MODEL, EXAMPLES, run_job
 from tuneforge.stack import Stack
 from tuneforge.trainer.standin import make_standin
 
@@ -42,7 +42,7 @@ def _expected_examples(topics: list[str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def stand_in_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("models")
-    make_standin(get_registry().base_model("llama-3.2-1b"), store)
+    make_standin(get_registry().base_model(BASE_MODEL), store)
     return store
 
 
@@ -106,7 +106,7 @@ def test_sft_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     # The registered model and its adapter, loadable with peft.
     model = outcome.model
     assert model is not None and model.name == JOB_NAME and model.job_id == job.id
-    assert model.base_model == "llama-3.2-1b" and model.dataset.content_hash == job.dataset.content_hash
+    assert model.base_model == BASE_MODEL and model.dataset.content_hash == job.dataset.content_hash
     assert model.metrics.HasField("eval_loss")
     adapter_dir = data_dir / "artifacts" / model.adapter_path
     assert (adapter_dir / "adapter_model.safetensors").exists()
@@ -114,7 +114,7 @@ def test_sft_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(stand_in_store / "llama-3.2-1b")
+    base = AutoModelForCausalLM.from_pretrained(stand_in_store / BASE_MODEL)
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     assert any("lora_A" in name for name, _ in peft_model.named_parameters())
 

@@ -222,7 +222,8 @@ def test_registry_finds_llama_specs_and_sft_method():
 
 def test_plugin_modules_do_not_import_torch():
     code = (
-        "import sys, tuneforge_builtin.llama, tuneforge_builtin.sft, tuneforge.trainer.standin\n"
+        "import sys, tuneforge.trainer.standin\n"
+        "import tuneforge_builtin.llama, tuneforge_builtin.sft, tuneforge_builtin.dpo, tuneforge_builtin.trl_common\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -528,10 +529,11 @@ def test_cancellation_stops_and_saves_adapter(spec, standin_dir, data_files, tmp
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from tuneforge_builtin.sft import _RunState, _trainer_classes
+    from tuneforge_builtin.sft import _trainer_classes
+    from tuneforge_builtin.trl_common import RunState
 
     _, schedule_cls, _ = _trainer_classes()
-    run = _RunState()
+    run = RunState()
     callback = schedule_cls(run, 10, 1, 2, tmp_path, lambda: False, lambda report: None)
     state = TrainerState(max_steps=100)
     control = TrainerControl()
@@ -569,7 +571,7 @@ def test_learning_rate_multiplier_shape():
 
 
 def test_spread_schedule():
-    from tuneforge_builtin.sft import spread
+    from tuneforge_builtin.trl_common import spread
 
     assert spread(2, 10) == [5, 10]
     assert spread(3, 10) == [4, 7, 10]

@@ -5,39 +5,23 @@ Data: universal-format JSONL, one example a line: ``{"messages": [...], "tools":
 ``{"text": ...}``. Which tokens carry the loss follows ``train_on_inputs`` (see
 :func:`resolve_loss_rule`).
 
-The schedule is the product's, not TRL's: the learning rate follows
-``tuneforge.core.hyperparameters.learning_rate_multiplier``; ``n_evals`` evaluations and
-``n_checkpoints`` checkpoints are spread evenly over the run (the last of each at the final step);
-early stopping counts evaluations without improvement of the eval loss.
-
-Checkpoints are complete trainer checkpoints (adapter, optimizer, scheduler, RNG, trainer state)
-under ``output_dir/checkpoints/step-N`` so a run can resume from them; the final adapter goes to
-``output_dir/adapter``. Heavy imports (torch, transformers, trl, peft, datasets) happen inside
-``train``: this module is imported by services that never load torch.
+The schedule (learning rate, evaluations, checkpoints, early stopping, cancellation), progress
+reports, checkpoints and the final adapter are the shared ones of
+:mod:`tuneforge_builtin.trl_common`. Heavy imports (torch, transformers, trl, peft, datasets)
+happen inside functions: this module is imported by services that never load torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import math
-import shutil
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tuneforge.core.hyperparameters import learning_rate_multiplier
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import (
-    DATASET_KIND_CONVERSATIONS,
-    CheckpointReport,
-    ProgressReport,
-    TrainingContext,
-    TrainingResult,
-)
+from tuneforge.training import DATASET_KIND_CONVERSATIONS, TrainingContext, TrainingResult
+from tuneforge_builtin import trl_common
+from tuneforge_builtin.trl_common import RunState, planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +30,9 @@ ROW_PROMPT_COMPLETION = "prompt_completion"  # {"prompt": str, "completion": str
 ROW_CONVERSATIONAL_PROMPT_COMPLETION = "conversational_prompt_completion"  # lists of messages
 ROW_TEXT = "text"  # {"text": str}
 
-ADAPTER_DIRNAME = "adapter"
-CHECKPOINTS_DIRNAME = "checkpoints"
-MAX_PROGRESS_LOGS = 500  # log (and report progress) at most about this many times per run
-
 
 # ----------------------------------------------------------------------------------------------
-# Pure helpers (no heavy imports): data reading, loss rule, schedules.
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (blank lines skipped); a missing file reads as empty."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+# Pure helpers (no heavy imports): example kinds, loss rule.
 
 
 def row_kind(row: dict[str, Any]) -> str:
@@ -132,17 +92,6 @@ def resolve_loss_rule(train_on_inputs: str, kinds: set[str]) -> LossRule:
     if ROW_TEXT in kinds:
         parts.append("text: all tokens")
     return LossRule(conversational, prompt_completion, f"{'; '.join(parts)} (train_on_inputs={toi})")
-
-
-def spread(n: int, total_steps: int) -> list[int]:
-    """``n`` steps spread evenly over ``1..total_steps``, the last one at ``total_steps``."""
-    if n <= 0 or total_steps <= 0:
-        return []
-    return sorted({max(1, -(-k * total_steps // n)) for k in range(1, n + 1)})
-
-
-def planned_total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
-    return math.ceil(n_examples / batch_size) * epochs
 
 
 def has_assistant_turn(messages: list[dict[str, Any]]) -> bool:
@@ -267,170 +216,12 @@ def pretokenized_dataset(rows: list[dict[str, Any]], kinds: list[str], tokenizer
 # Trainer pieces (transformers/trl imported lazily, classes built once).
 
 
-@dataclasses.dataclass
-class _RunState:
-    """What the callbacks observed; read by ``train`` once the trainer returns."""
-
-    total_steps: int = 0
-    eval_steps: frozenset[int] = frozenset()
-    checkpoint_steps: frozenset[int] = frozenset()
-    last_train_loss: float | None = None
-    last_eval_loss: float | None = None
-    last_eval_step: int | None = None
-    best_eval_loss: float | None = None
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    cancelled: bool = False
-    training_done: bool = False
-    checkpoints: list[CheckpointReport] = dataclasses.field(default_factory=list)
-    start_step: int = 0
-    start_time: float = 0.0
-    tokens_per_second: float | None = None
-
-
 @functools.cache
 def _trainer_classes():
-    import torch
-    from transformers import TrainerCallback
+    """``(ScheduledSFTTrainer, ScheduleCallback, ProgressCallback)``."""
     from trl import SFTTrainer
 
-    class ScheduledSFTTrainer(SFTTrainer):
-        """``SFTTrainer`` whose learning rate follows the product's multiplier."""
-
-        def __init__(self, *args, warmup_ratio: float, lr_peak_ratio: float, **kwargs):
-            self._warmup_ratio = warmup_ratio
-            self._lr_peak_ratio = lr_peak_ratio
-            super().__init__(*args, **kwargs)
-
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            if self.lr_scheduler is None:
-                optimizer = optimizer if optimizer is not None else self.optimizer
-                warmup, peak = self._warmup_ratio, self._lr_peak_ratio
-
-                def multiplier(step: int) -> float:
-                    return learning_rate_multiplier(step, num_training_steps, warmup, peak)
-
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
-
-    class ScheduleCallback(TrainerCallback):
-        """Evenly spread evaluations and checkpoints, early stopping, cancellation."""
-
-        def __init__(self, run: _RunState, n_evals: int, n_checkpoints: int, patience: int,
-                     checkpoint_root: Path, should_stop: Callable[[], bool],
-                     report_checkpoint: Callable[[CheckpointReport], None]):
-            self.run = run
-            self.n_evals = n_evals
-            self.n_checkpoints = n_checkpoints
-            self.patience = patience
-            self.checkpoint_root = checkpoint_root
-            self.should_stop = should_stop
-            self.report_checkpoint = report_checkpoint
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            run = self.run
-            run.total_steps = state.max_steps
-            run.eval_steps = frozenset(spread(self.n_evals, state.max_steps))
-            # The last checkpoint is the final adapter, written by ``train``.
-            run.checkpoint_steps = frozenset(spread(self.n_checkpoints, state.max_steps)) - {state.max_steps}
-            # Resuming: rebuild the early-stopping counters from the restored log history.
-            for entry in state.log_history:
-                if "eval_loss" in entry:
-                    self._count(entry["eval_loss"], entry.get("step"))
-
-        def _count(self, loss: float, step: int | None) -> None:
-            run = self.run
-            run.last_eval_loss, run.last_eval_step = loss, step
-            if run.best_eval_loss is None or loss < run.best_eval_loss:
-                run.best_eval_loss = loss
-                run.evals_without_improvement = 0
-            else:
-                run.evals_without_improvement += 1
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step in self.run.eval_steps:
-                control.should_evaluate = True
-            if state.global_step in self.run.checkpoint_steps:
-                control.should_save = True
-            if self.should_stop():
-                self.run.cancelled = True
-                control.should_training_stop = True
-            return control
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if self.run.training_done or not metrics or "eval_loss" not in metrics:
-                return control
-            self._count(float(metrics["eval_loss"]), state.global_step)
-            if (
-                self.patience > 0
-                and self.run.evals_without_improvement >= self.patience
-                and state.global_step < state.max_steps
-            ):
-                log.info("early stopping at step %d: %d evaluations without improvement",
-                         state.global_step, self.run.evals_without_improvement)
-                self.run.stopped_early = True
-                control.should_training_stop = True
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            step = state.global_step
-            saved = Path(args.output_dir) / f"checkpoint-{step}"
-            if not saved.is_dir():
-                return control
-            target = self.checkpoint_root / f"step-{step}"
-            if target.exists():
-                shutil.rmtree(target)
-            saved.rename(target)
-            eval_loss = self.run.last_eval_loss if self.run.last_eval_step == step else None
-            report = CheckpointReport(step=step, path=target, eval_loss=eval_loss)
-            self.run.checkpoints.append(report)
-            self.report_checkpoint(report)
-            return control
-
-    class ProgressCallback(TrainerCallback):
-        """Turns the trainer's logs into ``ProgressReport``s."""
-
-        def __init__(self, run: _RunState, report: Callable[[ProgressReport], None]):
-            self.run = run
-            self.report = report
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.run.start_step = state.global_step
-            self.run.start_time = time.monotonic()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            train_loss = logs.get("loss")
-            eval_loss = logs.get("eval_loss")
-            if train_loss is None and eval_loss is None:
-                return control  # the end-of-training summary
-            run = self.run
-            step, total = state.global_step, state.max_steps
-            elapsed = time.monotonic() - run.start_time
-            done = step - run.start_step
-            eta = elapsed / done * max(0, total - step) if done > 0 else None
-            if "num_tokens" in logs and elapsed > 0:
-                run.tokens_per_second = float(logs["num_tokens"]) / elapsed
-            if train_loss is not None:
-                run.last_train_loss = float(train_loss)
-            report = ProgressReport(
-                step=step,
-                total_steps=total,
-                epoch=float(state.epoch or 0.0),
-                train_loss=None if train_loss is None else float(train_loss),
-                eval_loss=None if eval_loss is None else float(eval_loss),
-                learning_rate=None if logs.get("learning_rate") is None else float(logs["learning_rate"]),
-                tokens_per_second=run.tokens_per_second,
-                eta_seconds=0.0 if run.training_done else eta,
-            )
-            try:
-                self.report(report)
-            except Exception:  # progress is best effort: never let a reporter kill the run
-                log.exception("progress report failed")
-            return control
-
-    return ScheduledSFTTrainer, ScheduleCallback, ProgressCallback
+    return (trl_common.scheduled_trainer_class(SFTTrainer), *trl_common.callback_classes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,20 +243,18 @@ class SupervisedFineTuning:
         return options
 
     def train(self, context: TrainingContext) -> TrainingResult:
-        import torch
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
-        from transformers import ProgressCallback as TqdmCallback
+        prepared, rule = self.prepare(context)
+        result = trl_common.run_to_completion(prepared, context)
+        metrics = {**result.metrics, "loss_on_inputs": 1.0 if rule.loss_on_inputs else 0.0}
+        return dataclasses.replace(result, metrics=metrics)
+
+    def prepare(self, context: TrainingContext) -> tuple[trl_common.PreparedRun, LossRule]:
+        """Data, model and a ready ``SFTTrainer`` for ``context`` (nothing trained yet)."""
         from trl import SFTConfig
 
         self.validate_options(context.method_options)
         hp = context.hyperparameters
-        seed = context.seed
-        model_dir = Path(context.model_dir).resolve()
-        output_dir = Path(context.output_dir).resolve()
-        checkpoint_root = output_dir / CHECKPOINTS_DIRNAME
-        adapter_dir = output_dir / ADAPTER_DIRNAME
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        paths = trl_common.RunPaths.for_context(context)
 
         # --- data
         train_rows = read_jsonl(context.train_file)
@@ -491,17 +280,9 @@ class SupervisedFineTuning:
             raise ValueError("the training split has no usable examples")
 
         # --- model and tokenizer
-        use_cuda = torch.cuda.is_available()
-        use_bf16 = use_cuda and torch.cuda.is_bf16_supported()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-        if context.base_model.training_chat_template:
-            tokenizer.chat_template = context.base_model.training_chat_template
-        set_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.bfloat16 if use_bf16 else torch.float32, trust_remote_code=False
-        )
-        max_positions = getattr(model.config, "max_position_embeddings", None) or context.base_model.context_length
-        max_length = min(context.base_model.context_length, max_positions)
+        device = trl_common.detect_device()
+        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device)
+        max_length = trl_common.max_sequence_length(model, context.base_model)
 
         weighted = rule.assistant_only and has_message_weights(train_rows + test_rows)
         if weighted:
@@ -522,100 +303,27 @@ class SupervisedFineTuning:
 
         total_steps = planned_total_steps(len(train_dataset), hp.batch_size, hp.max_epochs)
         config = SFTConfig(
-            output_dir=str(checkpoint_root),
-            learning_rate=hp.learning_rate,
-            per_device_train_batch_size=hp.batch_size,
-            per_device_eval_batch_size=hp.batch_size,
-            gradient_accumulation_steps=1,
-            num_train_epochs=hp.max_epochs,
-            seed=seed,
-            data_seed=seed,
-            lr_scheduler_type="constant",  # replaced by create_scheduler
-            warmup_steps=0,
-            # TRL defaults `gradient_checkpointing=True`; transformers 5.24 copies that deprecated alias
-            # into `activation_checkpointing` unless the new name is given. Small models: off.
-            activation_checkpointing=False,
-            dataloader_pin_memory=False,
-            report_to=[],
-            logging_strategy="steps",
-            logging_steps=max(1, math.ceil(total_steps / MAX_PROGRESS_LOGS)),
-            eval_strategy="no",  # evaluations are scheduled by ScheduleCallback
-            save_strategy="no",  # so are checkpoints
-            bf16=use_bf16,
-            fp16=False,
-            use_cpu=not use_cuda,
+            **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
             max_length=max_length,
             packing=False,
             assistant_only_loss=assistant_only_loss,
             completion_only_loss=completion_only_loss,
-            disable_tqdm=True,
         )
-        peft_config = LoraConfig(
-            r=hp.lora_rank,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.lora_target_modules or context.base_model.default_lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
-
-        trainer_cls, schedule_cls, progress_cls = _trainer_classes()
-        run = _RunState()
+        trainer_cls, _, _ = _trainer_classes()
+        run = RunState()
         trainer = trainer_cls(
             model=model,
             args=config,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=trl_common.lora_config(hp, context.base_model),
             warmup_ratio=hp.warmup_ratio,
             lr_peak_ratio=hp.lr_peak_ratio,
-            callbacks=[
-                schedule_cls(run, n_evals, hp.n_checkpoints, hp.early_stopping_patience, checkpoint_root,
-                             context.should_stop, context.report_checkpoint),
-                progress_cls(run, context.report_progress),
-            ],
+            callbacks=trl_common.callbacks(run, context, paths, n_evals),
         )
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(TqdmCallback)
-        # adapter_config.json must name the base by absolute path
-        for cfg in trainer.model.peft_config.values():
-            cfg.base_model_name_or_path = str(model_dir)
-
-        resume = str(Path(context.resume_from).resolve()) if context.resume_from else None
-        output = trainer.train(resume_from_checkpoint=resume)
-        state = trainer.state
-        run.training_done = True
-
-        eval_loss = run.last_eval_loss
-        if n_evals > 0 and run.last_eval_step != state.global_step:
-            eval_loss = float(trainer.evaluate()["eval_loss"])
-
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter_dir))
-        final = CheckpointReport(step=state.global_step, path=adapter_dir, eval_loss=eval_loss)
-        context.report_checkpoint(final)
-
-        metrics = {
-            "total_steps": float(state.max_steps),
-            "train_loss_mean": float(output.training_loss),
-            "train_runtime_seconds": float(output.metrics.get("train_runtime", 0.0)),
-            "loss_on_inputs": 1.0 if rule.loss_on_inputs else 0.0,
-        }
-        if run.best_eval_loss is not None:
-            metrics["best_eval_loss"] = min(run.best_eval_loss, eval_loss if eval_loss is not None else math.inf)
-        if run.tokens_per_second is not None:
-            metrics["tokens_per_second"] = run.tokens_per_second
-        return TrainingResult(
-            adapter_dir=adapter_dir,
-            steps=state.global_step,
-            epochs=float(state.epoch or 0.0),
-            train_loss=run.last_train_loss if run.last_train_loss is not None else float(output.training_loss),
-            eval_loss=eval_loss,
-            stopped_early=run.stopped_early,
-            cancelled=run.cancelled,
-            checkpoints=(*run.checkpoints, final),
-            metrics=metrics,
-        )
+        trl_common.quiet_and_anchor(trainer, paths)
+        return trl_common.PreparedRun(trainer, tokenizer, run, paths, n_evals), rule
 
 
 SFT = SupervisedFineTuning()

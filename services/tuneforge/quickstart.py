@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -28,7 +29,8 @@ from tuneforge.core.client import Clients
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "conversations.jsonl"
-BASE_MODEL = "llama-3.2-1b"
+# Llama 3.1 takes tool calls; the example data has tool-call conversations in every topic.
+BASE_MODEL = "llama-3.1-8b"
 TOPICS = ["billing", "shipping"]
 
 
@@ -60,8 +62,13 @@ async def run_job(
     hyperparameters: common_pb2.Hyperparameters | None = None,
     on_event=None,
     plan: int = common_pb2.PLAN_ENTERPRISE,
+    method: str = "sft",
+    method_options: dict | None = None,
+    base_model: str = BASE_MODEL,
+    description: str = "Quickstart: customer support on billing and shipping",
 ) -> Outcome:
-    """Workspace → import → SFT job → watch → registry and notifier look-ups."""
+    """Workspace → import ``examples`` (a JSONL file) → a ``method`` job on ``base_model`` →
+    watch → registry and notifier look-ups."""
     ws = await create_workspace(endpoints, admin_token, plan, email, "Quickstart")
     clients = Clients.connect(endpoints, ws.api_key)
     try:
@@ -72,10 +79,11 @@ async def run_job(
             hyperparameters = common_pb2.Hyperparameters(max_epochs=3)
         created = await clients.job_scheduler.CreateJob(js.CreateJobRequest(spec=js.JobSpec(
             name=job_name,
-            description="Quickstart: customer support on billing and shipping",
+            description=description,
             topics=topics,
-            base_model=BASE_MODEL,
-            method="sft",
+            base_model=base_model,
+            method=method,
+            method_options_json=json.dumps(method_options or {}),
             hyperparameters=hyperparameters,
         )))
         events = await sdk.watch_job(clients, created.job.id, on_event, timeout=1800)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.events.v1 import events_pb2 as ev
 
@@ -15,6 +17,33 @@ def _dataset_lines(d: common_pb2.DatasetSummary) -> list[str]:
     ]
     lines += [f"  Warning: {w}" for w in d.warnings]
     return lines
+
+
+# Labels and formats of well-known ``TrainingMetrics.extra`` entries, in the order they are shown;
+# other entries follow under their own names. ``eval_loss`` and ``total_steps`` are on the
+# Training line already.
+EXTRA_METRIC_LABELS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "eval_reward_accuracy": ("Reward accuracy on the test split (preferred output scored higher)",
+                             lambda v: f"{v:.1%}"),
+    "eval_reward_margin": ("Mean reward margin on the test split (preferred minus non-preferred)",
+                           lambda v: f"{v:.4f}"),
+    "eval_reward_chosen": ("Mean reward of the preferred outputs", lambda v: f"{v:.4f}"),
+    "eval_reward_rejected": ("Mean reward of the non-preferred outputs", lambda v: f"{v:.4f}"),
+    "beta": ("DPO beta", lambda v: f"{v:g}"),
+    "best_eval_loss": ("Best eval loss", lambda v: f"{v:.4f}"),
+    "train_loss_mean": ("Mean training loss", lambda v: f"{v:.4f}"),
+    "loss_on_inputs": ("Loss on input tokens too", lambda v: "yes" if v else "no (outputs only)"),
+    "tokens_per_second": ("Training throughput", lambda v: f"{v:,.0f} tokens/s"),
+    "train_runtime_seconds": ("Training time", lambda v: f"{v:,.0f} s"),
+}
+EXTRA_METRICS_SHOWN_ELSEWHERE = frozenset({"eval_loss", "total_steps"})
+
+
+def _extra_metric_lines(extra) -> list[str]:
+    lines = [f"  {label}: {fmt(extra[name])}" for name, (label, fmt) in EXTRA_METRIC_LABELS.items() if name in extra]
+    others = sorted(set(extra) - set(EXTRA_METRIC_LABELS) - EXTRA_METRICS_SHOWN_ELSEWHERE)
+    lines += [f"  {name}: {extra[name]:.6g}" for name in others]
+    return ["Metrics:", *lines] if lines else []
 
 
 def job_succeeded(event: ev.JobSucceeded) -> tuple[str, str]:
@@ -37,6 +66,7 @@ def job_succeeded(event: ev.JobSucceeded) -> tuple[str, str]:
             f"Training: {m.steps} steps, {m.epochs:.2f} epochs"
             + (f", final eval loss {m.eval_loss:.4f}" if m.HasField("eval_loss") else "")
             + (" (stopped early: eval loss stopped improving)" if m.stopped_early else ""),
+            *_extra_metric_lines(m.extra),
             "",
             *_dataset_lines(event.dataset),
         ]

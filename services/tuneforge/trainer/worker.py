@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -35,6 +36,16 @@ log = logging.getLogger(__name__)
 WORK_CONSUMER = "trainers"
 MAX_DELIVER = 5
 PROGRESS_MIN_INTERVAL = 0.5
+
+
+def extra_metrics(metrics: dict[str, object]) -> dict[str, float]:
+    """A method's metrics as ``TrainingMetrics.extra``: finite numbers only (bools, NaN and inf
+    left out: protobuf would carry them, but no reader can use them)."""
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[str(name)] = float(value)
+    return out
 
 
 class UserDataError(Exception):
@@ -246,5 +257,6 @@ class TrainingWorker:
             metrics.train_loss = result.train_loss
         if result.eval_loss is not None:
             metrics.eval_loss = result.eval_loss
+        metrics.extra.update(extra_metrics(result.metrics))
         return ev.TrainingRunSucceeded(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                        adapter_path=adapter_key, metrics=metrics)
