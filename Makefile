@@ -4,16 +4,19 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tuneforge-installed
+# Plugin distributions that live in this repository, installed next to tuneforge (each has its own tests).
+PLUGIN_DISTS := plugins/tuneforge-mistral
 
 .PHONY: install quickstart test protos check-protos clean
 
 # torch first (the CPU wheel), then everything else constrained to it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGIN_DISTS))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	@echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[trainer,dev]"
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt $(addprefix -e ,$(PLUGIN_DISTS))
 	@touch $(STAMP)
 
 install: $(STAMP)

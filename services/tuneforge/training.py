@@ -7,6 +7,7 @@ its heavy stack inside the function.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,9 +28,24 @@ class TokenizerRecipe:
     ``AutoTokenizer`` may rebuild a family-specific class whatever class was saved (transformers
     5 does so for ``model_type="qwen2"``: NFC normaliser + Qwen's split regex); a recipe for such a
     family must train the BPE with exactly that pipeline, or token ids change silently on reload.
+
+    Two styles of BPE (``style``):
+
+    * ``"byte_level"`` (GPT-2 / tiktoken lineage: Llama 3, Qwen): the text is split with
+      ``split_pattern``, then mapped to bytes; every string is representable without an unknown
+      token.
+    * ``"metaspace"`` (SentencePiece BPE converted to ``tokenizers``: Llama 2, Mistral, Gemma):
+      spaces become ``"▁"``, a ``"▁"`` is prepended to the start of the text only (Metaspace
+      ``prepend_scheme="first"``, no splitting), characters outside the vocabulary fall back to
+      the ``<0x00>``…``<0xFF>`` byte tokens, and decoding strips the prepended space.
+      ``split_pattern`` must be empty.
+
+    ``leading_tokens`` take the first ids in the given order (SentencePiece vocabularies start with
+    ``<unk>``, ``<s>``, ``</s>`` and control tokens); in the metaspace style the 256 byte tokens
+    follow them, then the learned pieces. ``special_tokens`` are appended after the vocabulary.
     """
 
-    split_pattern: str  # pre-tokenisation regex (isolated splits, then byte-level)
+    split_pattern: str  # pre-tokenisation regex (byte_level: isolated splits, then bytes; metaspace: "")
     special_tokens: tuple[str, ...]  # appended after the BPE vocabulary, in this order
     bos_token: str | None
     eos_token: str  # end of an assistant turn (what chat generation stops on)
@@ -37,8 +53,29 @@ class TokenizerRecipe:
     stop_tokens: tuple[str, ...]  # every token that ends generation (generation_config)
     prepend_bos: bool = True  # the post-processor puts BOS in front of a plain encode
     normalizer: str | None = None  # a ``tokenizers.normalizers`` class name, e.g. "NFC"
-    vocab_size: int = 3000  # BPE vocabulary before the special tokens
+    vocab_size: int = 3000  # BPE vocabulary before the special tokens (metaspace: with the 256 byte tokens)
     unk_token: str | None = None
+    # BPE ``ignore_merges``: a word already in the vocabulary is taken whole. Must match what the
+    # family's tokenizer class rebuilds on load (Llama 3: true; Qwen2Tokenizer: false).
+    ignore_merges: bool = True
+    style: str = "byte_level"  # one of TOKENIZER_STYLES
+    leading_tokens: tuple[str, ...] = ()  # special tokens at ids 0, 1, … before the vocabulary
+
+    def __post_init__(self) -> None:
+        if self.style not in TOKENIZER_STYLES:
+            raise ValueError(f"tokenizer style {self.style!r}: expected one of {', '.join(TOKENIZER_STYLES)}")
+        if self.style == "metaspace" and self.split_pattern:
+            raise ValueError("the metaspace style splits on spaces only: split_pattern must be empty")
+        tokens = (*self.leading_tokens, *self.special_tokens)
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("a token is listed twice in leading_tokens + special_tokens")
+        named = [self.bos_token, self.eos_token, self.pad_token, self.unk_token, *self.stop_tokens]
+        missing = sorted({t for t in named if t is not None} - set(tokens))
+        if missing:
+            raise ValueError(f"{', '.join(missing)} named but not in leading_tokens or special_tokens")
+
+
+TOKENIZER_STYLES = ("byte_level", "metaspace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,3 +180,50 @@ class TrainingMethod(Protocol):
 
     def train(self, context: TrainingContext) -> TrainingResult:
         """Run the training; heavy imports happen inside."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What chat templates are given. The universal format stores tool-call arguments as JSON strings
+# (OpenAI's form); the families' templates render them as the model writes them, from objects
+# (`arguments | tojson`: {"city": "Paris"}). The trainer and the dataset builder's token counter
+# both render through these helpers, so counts and training see the same text.
+
+
+def _decoded_call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**fn, "arguments": arguments}}
+
+
+def template_messages(messages: Any) -> Any:
+    """``messages`` with every tool call's string ``arguments`` decoded to an object (copies;
+    anything else, or arguments that are not a JSON object, unchanged)."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+            message = {**message, "tool_calls": [_decoded_call(c) for c in message["tool_calls"]]}
+        out.append(message)
+    return out
+
+
+def template_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A universal-format example (conversation, prompt/completion or preference pair) ready for
+    a chat template: tool-call arguments as objects."""
+    out = dict(row)
+    for key in ("messages", "prompt", "completion", "preferred_output", "non_preferred_output", "chosen", "rejected"):
+        if isinstance(out.get(key), list):
+            out[key] = template_messages(out[key])
+    if isinstance(out.get("input"), dict):
+        out["input"] = {**out["input"], "messages": template_messages(out["input"].get("messages"))}
+    return out

@@ -2,8 +2,9 @@
 
 ``make_standin(spec, store_dir)`` writes ``store_dir/<catalog id>/`` in Hugging Face layout: a
 config with the real architecture (``spec.standin.model_type``) shrunk to ``spec.standin.config``,
-random weights in safetensors, and a byte-level BPE tokenizer trained here on a built-in corpus.
-The tokenizer follows the family's recipe (pre-tokenisation regex, special tokens, BOS handling)
+random weights in safetensors, and a BPE tokenizer trained here on a built-in corpus. The tokenizer
+follows the family's recipe (byte-level or SentencePiece-style metaspace BPE, pre-tokenisation
+regex, special tokens and where their ids go, BOS handling)
 so that chat templates, assistant masks and completion masks behave as with the real model.
 ``tuneforge_standin.json`` marks the directory as a random stand-in.
 
@@ -220,28 +221,90 @@ def builtin_corpus(n_lines: int = 6000) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(recipe: "TokenizerRecipe", corpus: Iterable[str]):
-    """Train the byte-level BPE of ``recipe`` on ``corpus``; returns a ``tokenizers.Tokenizer``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+METASPACE = "\u2581"  # "▁", SentencePiece's visible space
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # SentencePiece byte-fallback pieces
 
-    tok = Tokenizer(models.BPE(byte_fallback=False, ignore_merges=True))
+
+def _normalizer(name: str):
+    from tokenizers import normalizers
+
+    return getattr(normalizers, name)()
+
+
+def _byte_level_bpe(recipe: "TokenizerRecipe", corpus: list[str]):
+    """GPT-2 style: regex split, then bytes mapped to printable characters; no unknown token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=False, ignore_merges=recipe.ignore_merges))
     if recipe.normalizer:
-        tok.normalizer = getattr(normalizers, recipe.normalizer)()
+        tok.normalizer = _normalizer(recipe.normalizer)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(recipe.split_pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     trainer = trainers.BpeTrainer(
-        vocab_size=recipe.vocab_size,
+        vocab_size=recipe.vocab_size + len(recipe.leading_tokens),
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(recipe.leading_tokens),  # the trainer puts these at ids 0, 1, …
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def _metaspace_bpe(recipe: "TokenizerRecipe", corpus: list[str]):
+    """SentencePiece BPE as ``tokenizers`` holds it after conversion (what transformers'
+    ``LlamaConverter`` writes for Llama 2 / Mistral): spaces become "▁", one "▁" is prepended to
+    the start of the text only, unknown characters fall back to byte tokens, and the decoder
+    undoes all three. Ids: ``leading_tokens``, the 256 byte tokens, then the learned pieces.
+
+    Trained with splitting on "▁" (as SentencePiece never merges across a space), used without
+    it (as the converted tokenizers are); the two agree because no learned piece has an inner
+    "▁"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    trainee = Tokenizer(models.BPE())
+    if recipe.normalizer:
+        trainee.normalizer = _normalizer(recipe.normalizer)
+    trainee.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(1, recipe.vocab_size - len(BYTE_TOKENS)),
+        min_frequency=2,
+        show_progress=False,
         special_tokens=[],
     )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in recipe.special_tokens])
+    trainee.train_from_iterator(corpus, trainer=trainer)
+    learned = json.loads(trainee.to_str())["model"]
+
+    vocab: dict[str, int] = {}
+    for piece in (*recipe.leading_tokens, *BYTE_TOKENS):
+        vocab.setdefault(piece, len(vocab))
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=recipe.unk_token, fuse_unk=True,
+                               byte_fallback=True))
+    if recipe.normalizer:
+        tok.normalizer = _normalizer(recipe.normalizer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([
+        decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    return tok
+
+
+def _train_tokenizer(recipe: "TokenizerRecipe", corpus: Iterable[str]):
+    """Train the BPE of ``recipe`` (its ``style``) on ``corpus``; returns a ``tokenizers.Tokenizer``."""
+    from tokenizers import AddedToken, processors
+
+    if recipe.style == "metaspace":
+        tok = _metaspace_bpe(recipe, list(corpus))
+    else:
+        tok = _byte_level_bpe(recipe, list(corpus))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (*recipe.leading_tokens, *recipe.special_tokens)])
     if recipe.prepend_bos and recipe.bos_token:
         bos_id = tok.token_to_id(recipe.bos_token)
         tok.post_processor = processors.TemplateProcessing(
@@ -249,6 +312,8 @@ def _train_tokenizer(recipe: "TokenizerRecipe", corpus: Iterable[str]):
             pair=f"{recipe.bos_token}:0 $A:0 {recipe.bos_token}:1 $B:1",
             special_tokens=[(recipe.bos_token, bos_id)],
         )
+    elif recipe.style == "metaspace":
+        tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
