@@ -223,7 +223,8 @@ def test_registry_finds_llama_specs_and_sft_method():
 def test_plugin_modules_do_not_import_torch():
     code = (
         "import sys, tuneforge.trainer.standin\n"
-        "import tuneforge_builtin.llama, tuneforge_builtin.sft, tuneforge_builtin.dpo, tuneforge_builtin.trl_common\n"
+        "import tuneforge_builtin.llama, tuneforge_builtin.qwen, tuneforge_builtin.deepseek, tuneforge_builtin.catalog\n"
+        "import tuneforge_builtin.sft, tuneforge_builtin.dpo, tuneforge_builtin.trl_common\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -10,12 +10,11 @@ in its content. No torch here: the light services import this module to read the
 from __future__ import annotations
 
 import dataclasses
-import functools
-from importlib import resources
 
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
 from tuneforge_builtin import llama, qwen
+from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
 
 FAMILY = "deepseek-r1-distill"
 TEMPLATE_RESOURCE = "deepseek_r1_training.jinja"
@@ -49,7 +48,7 @@ QWEN_TOKENIZER = dataclasses.replace(
     pad_token=PAD, stop_tokens=(EOS,), prepend_bos=True,
 )
 
-QWEN_MATH_1_5B = qwen.Architecture(1536, 8960, 28, 12, 2, tie_word_embeddings=False, vocab_size=151_936)
+QWEN_MATH_1_5B = qwen.architecture(1536, 8960, 28, 12, 2, tie_word_embeddings=False, vocab_size=151_936)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,7 @@ class CatalogEntry:
     display_name: str
     source: str
     base: str  # "llama" or "qwen2": whose architecture, stand-in and tokenizer pipeline
-    architecture: "llama.Architecture | qwen.Architecture"
+    architecture: DenseArchitecture
     description: str
 
 
@@ -81,10 +80,9 @@ CATALOG: tuple[CatalogEntry, ...] = (
 )
 
 
-@functools.cache
 def training_chat_template() -> str:
     """The R1 distill training chat template (with generation markers), shipped with this package."""
-    return resources.files(__package__).joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+    return packaged_template(TEMPLATE_RESOURCE)
 
 
 def standin_shape(entry: CatalogEntry) -> StandinShape:

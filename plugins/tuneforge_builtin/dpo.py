@@ -35,7 +35,7 @@ from tuneforge.core.hyperparameters import Param
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import DATASET_KIND_PREFERENCES, TrainingContext, TrainingResult
 from tuneforge_builtin import trl_common
-from tuneforge_builtin.trl_common import RunState, planned_total_steps, read_jsonl
+from tuneforge_builtin.trl_common import planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -189,22 +189,12 @@ class DirectPreferenceOptimisation:
             precompute_ref_log_probs=True,  # one reference pass before training (same losses, faster)
             disable_dropout=False,  # keep lora_dropout as given (the base models have no dropout)
         )
-        trainer_cls = trl_common.scheduled_trainer_class(DPOTrainer)
-        run = RunState()
-        trainer = trainer_cls(
-            model=model,
+        prepared = trl_common.prepare_trainer(
+            DPOTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
             ref_model=None,  # with a peft_config: the base with the adapter disabled
-            args=config,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=trl_common.lora_config(hp, context.base_model),
-            warmup_ratio=hp.warmup_ratio,
-            lr_peak_ratio=hp.lr_peak_ratio,
-            callbacks=trl_common.callbacks(run, context, paths, n_evals),
         )
-        trl_common.quiet_and_anchor(trainer, paths)
-        return trl_common.PreparedRun(trainer, tokenizer, run, paths, n_evals), options
+        return prepared, options
 
 
 DPO = DirectPreferenceOptimisation()

@@ -9,11 +9,10 @@ import this module to read the catalog.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from importlib import resources
 
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
+from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
 
 FAMILY = "llama"
 MODEL_TYPE = "llama"
@@ -24,33 +23,18 @@ DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 TOOL_CAPABILITIES = ("tool_calling", "planning")
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """The shape of a real checkpoint (from its config.json)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    tie_word_embeddings: bool
-    vocab_size: int = LLAMA3_VOCAB_SIZE
-
-    @property
-    def parameter_count(self) -> int:
-        h, kv_dim = self.hidden_size, self.hidden_size // self.num_attention_heads * self.num_key_value_heads
-        attention = 2 * h * h + 2 * h * kv_dim  # q, o + k, v (no biases)
-        mlp = 3 * h * self.intermediate_size  # gate, up, down
-        norms = 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * (attention + mlp + norms) + embeddings + h  # + final norm
+def architecture(hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 num_key_value_heads: int, *, tie_word_embeddings: bool) -> DenseArchitecture:
+    """A Llama 3 checkpoint's shape (from its config.json): no biases, Llama 3's vocabulary."""
+    return DenseArchitecture(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                             num_key_value_heads, tie_word_embeddings, vocab_size=LLAMA3_VOCAB_SIZE)
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "1b": Architecture(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
-    "3b": Architecture(3072, 8192, 28, 24, 8, tie_word_embeddings=True),
-    "8b": Architecture(4096, 14336, 32, 32, 8, tie_word_embeddings=False),
-    "70b": Architecture(8192, 28672, 80, 64, 8, tie_word_embeddings=False),
+ARCHITECTURES: dict[str, DenseArchitecture] = {
+    "1b": architecture(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
+    "3b": architecture(3072, 8192, 28, 24, 8, tie_word_embeddings=True),
+    "8b": architecture(4096, 14336, 32, 32, 8, tie_word_embeddings=False),
+    "70b": architecture(8192, 28672, 80, 64, 8, tie_word_embeddings=False),
 }
 
 # Llama 3's pre-tokenisation regex (tiktoken cl100k style). `\s*[\r\n]+` keeps runs of newlines
@@ -130,13 +114,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
 )
 
 
-@functools.cache
 def training_chat_template() -> str:
     """The Llama 3 training chat template (with generation markers), shipped with this package."""
-    return resources.files(__package__).joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+    return packaged_template(TEMPLATE_RESOURCE)
 
 
-def standin_shape(arch: Architecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
+def standin_shape(arch: DenseArchitecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
     return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
                         tokenizer=tokenizer)
 

@@ -9,11 +9,10 @@ q/k/v projections). No torch here: the light services import this module to read
 from __future__ import annotations
 
 import dataclasses
-import functools
-from importlib import resources
 
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
+from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
 
 FAMILY = "qwen2"
 MODEL_TYPE = "qwen2"
@@ -24,32 +23,17 @@ DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CAPABILITIES = ("tool_calling",)
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """The shape of a real Qwen2 checkpoint (from its config.json)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    tie_word_embeddings: bool
-    vocab_size: int = QWEN2_5_VOCAB_SIZE
-
-    @property
-    def parameter_count(self) -> int:
-        h = self.hidden_size
-        kv_dim = h // self.num_attention_heads * self.num_key_value_heads
-        attention = 2 * h * h + 2 * h * kv_dim + (h + 2 * kv_dim)  # q, o + k, v; biases on q, k, v
-        mlp = 3 * h * self.intermediate_size  # gate, up, down
-        norms = 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * (attention + mlp + norms) + embeddings + h  # + final norm
+def architecture(hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 num_key_value_heads: int, *, tie_word_embeddings: bool,
+                 vocab_size: int = QWEN2_5_VOCAB_SIZE) -> DenseArchitecture:
+    """A Qwen2 checkpoint's shape (from its config.json): biases on q/k/v."""
+    return DenseArchitecture(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                             num_key_value_heads, tie_word_embeddings, vocab_size=vocab_size, qkv_bias=True)
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "14b": Architecture(5120, 13824, 48, 40, 8, tie_word_embeddings=False),
-    "72b": Architecture(8192, 29568, 80, 64, 8, tie_word_embeddings=False),
+ARCHITECTURES: dict[str, DenseArchitecture] = {
+    "14b": architecture(5120, 13824, 48, 40, 8, tie_word_embeddings=False),
+    "72b": architecture(8192, 29568, 80, 64, 8, tie_word_embeddings=False),
 }
 
 # What Qwen2Tokenizer rebuilds on load for model_type "qwen2", whatever class was saved: NFC,
@@ -109,13 +93,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
 )
 
 
-@functools.cache
 def training_chat_template() -> str:
     """The Qwen 2.5 training chat template (with generation markers), shipped with this package."""
-    return resources.files(__package__).joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+    return packaged_template(TEMPLATE_RESOURCE)
 
 
-def standin_shape(arch: Architecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
+def standin_shape(arch: DenseArchitecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
     return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
                         tokenizer=tokenizer)
 

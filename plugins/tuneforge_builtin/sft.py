@@ -21,7 +21,7 @@ from typing import Any
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import DATASET_KIND_CONVERSATIONS, TrainingContext, TrainingResult
 from tuneforge_builtin import trl_common
-from tuneforge_builtin.trl_common import RunState, planned_total_steps, read_jsonl
+from tuneforge_builtin.trl_common import planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -309,21 +309,12 @@ class SupervisedFineTuning:
             assistant_only_loss=assistant_only_loss,
             completion_only_loss=completion_only_loss,
         )
-        trainer_cls, _, _ = _trainer_classes()
-        run = RunState()
-        trainer = trainer_cls(
-            model=model,
-            args=config,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=trl_common.lora_config(hp, context.base_model),
-            warmup_ratio=hp.warmup_ratio,
-            lr_peak_ratio=hp.lr_peak_ratio,
-            callbacks=trl_common.callbacks(run, context, paths, n_evals),
-        )
-        trl_common.quiet_and_anchor(trainer, paths)
-        return trl_common.PreparedRun(trainer, tokenizer, run, paths, n_evals), rule
+        from trl import SFTTrainer
+
+        prepared = trl_common.prepare_trainer(
+            SFTTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals)
+        return prepared, rule
 
 
 SFT = SupervisedFineTuning()

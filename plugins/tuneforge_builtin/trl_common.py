@@ -411,6 +411,29 @@ class PreparedRun:
     n_evals: int  # 0 when there is no test split
 
 
+def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPaths, *, model, tokenizer, config,
+                    train_dataset, eval_dataset, n_evals: int, **trainer_kwargs) -> PreparedRun:
+    """A TRL trainer of ``trainer_base`` (SFTTrainer, DPOTrainer, ...) with the product's learning
+    rate schedule, LoRA from the hyperparameters, the schedule/progress callbacks, no console
+    output and the adapter anchored to the base model's absolute path."""
+    hp = context.hyperparameters
+    run = RunState()
+    trainer = scheduled_trainer_class(trainer_base)(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(hp, context.base_model),
+        warmup_ratio=hp.warmup_ratio,
+        lr_peak_ratio=hp.lr_peak_ratio,
+        callbacks=callbacks(run, context, paths, n_evals),
+        **trainer_kwargs,
+    )
+    quiet_and_anchor(trainer, paths)
+    return PreparedRun(trainer, tokenizer, run, paths, n_evals)
+
+
 def quiet_and_anchor(trainer, paths: RunPaths) -> None:
     """No console printing from the trainer; ``adapter_config.json`` names the base model by
     absolute path (it stores the path as given, STACK-NOTES)."""

@@ -15,7 +15,6 @@ carries the ``TokenizerRecipe``, so a new family needs no edit here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
