@@ -95,6 +95,11 @@ def test_up_cli_round_trip_and_clean_stop(tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["dataset_id"] == built["datasetId"] and manifest["topics"] == ["returns"]
 
+        bad_beta = tuneforge(data_dir, "jobs", "create", "--name", "prefs", "--base-model", "qwen-2.5-14b",
+                             "--method", "dpo", "--option", "beta=abc", key=key, check=False)
+        assert bad_beta.returncode == 1 and "spec.method_options_json" in bad_beta.stderr and "beta" in bad_beta.stderr
+        assert "Traceback" not in bad_beta.stderr
+
         job = tuneforge(data_dir, "jobs", "create", "--name", "pro-dataset", "--base-model", "llama-3.2-1b",
                         "--topic", "billing", key=key).stdout
         assert "dataset only" in job  # a Pro workspace gets the dataset, not training

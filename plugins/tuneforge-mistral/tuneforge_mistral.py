@@ -74,10 +74,10 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TOOL_CALLING = "tool_calling"
 
-# Mixtral's experts as peft 0.21 can target them: ``LoraConfig(target_parameters=...)`` (fused
-# 3-D parameters of ``MixtralExperts``; peft also maps the old names w1/w3 → gate_up_proj and
-# w2 → down_proj, w1 and w3 only together). Not selectable through tuneforge's
-# ``lora_target_modules``; listed here so the names are written down in one place.
+# Mixtral's experts as peft 0.21 can target them: fused 3-D parameters of ``MixtralExperts``
+# (gate and up projections of all 8 experts in one, down in the other), reached through
+# ``LoraConfig(target_parameters=...)``. Optional: selectable in ``lora_target_modules`` by these
+# names (the spec's ``lora_target_parameters``), never selected by default.
 MIXTRAL_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
@@ -334,6 +334,7 @@ class CatalogEntry:
     template: str
     tokenizer: TokenizerRecipe
     description: str
+    lora_target_parameters: tuple[str, ...] = ()  # entries of lora_target_modules that are parameters
 
 
 CATALOG: tuple[CatalogEntry, ...] = (
@@ -345,10 +346,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
     ),
     CatalogEntry(
         "mixtral-8x7b-instruct", "Mixtral 8x7B Instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1",
-        "mixtral-8x7b-v0.1", ATTENTION_MODULES, ATTENTION_MODULES, (),
+        "mixtral-8x7b-v0.1", ATTENTION_MODULES + MIXTRAL_EXPERT_PARAMETERS, ATTENTION_MODULES, (),
         MIXTRAL_TRAINING_TEMPLATE, MIXTRAL_V1_TOKENIZER,
         "Mixtral 8x7B Instruct v0.1: sparse mixture of 8 experts (2 active per token, ~13B of 47B "
-        "parameters), 32k context, Apache-2.0. LoRA on the attention projections.",
+        "parameters), 32k context, Apache-2.0. LoRA on the attention projections; the experts "
+        "(mlp.experts.gate_up_proj, mlp.experts.down_proj) on request.",
+        lora_target_parameters=MIXTRAL_EXPERT_PARAMETERS,
     ),
 )
 
@@ -376,6 +379,7 @@ def build_spec(entry: CatalogEntry) -> BaseModelSpec:
         training_chat_template=entry.template,
         capabilities=entry.capabilities,
         standin=standin_shape(entry),
+        lora_target_parameters=entry.lora_target_parameters,
     )
 
 

@@ -182,11 +182,15 @@ def max_sequence_length(model, spec: BaseModelSpec) -> int:
 def lora_config(hp: ResolvedHyperparameters, spec: BaseModelSpec):
     from peft import LoraConfig
 
+    chosen = list(hp.lora_target_modules or spec.default_lora_target_modules)
+    parameters = [name for name in chosen if name in spec.lora_target_parameters]
+    modules = [name for name in chosen if name not in spec.lora_target_parameters]
     return LoraConfig(
         r=hp.lora_rank,
         lora_alpha=hp.lora_alpha,
         lora_dropout=hp.lora_dropout,
-        target_modules=list(hp.lora_target_modules or spec.default_lora_target_modules),
+        target_modules=modules or None,
+        target_parameters=parameters or None,  # e.g. a mixture of experts' fused weights
         task_type="CAUSAL_LM",
     )
 

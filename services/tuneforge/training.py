@@ -104,11 +104,18 @@ class BaseModelSpec:
     training_chat_template: str  # Jinja chat template with {% generation %} markers
     capabilities: tuple[str, ...] = ()  # e.g. ("tool_calling", "planning", "reasoning")
     standin: StandinShape | None = None
+    # Entries of ``lora_target_modules`` that are parameters, not nn.Linear modules (e.g. a
+    # mixture of experts' fused 3-D weights, "mlp.experts.gate_up_proj"): a LoRA on them goes
+    # through peft's ``target_parameters`` instead of ``target_modules``.
+    lora_target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.default_lora_target_modules) - set(self.lora_target_modules)
         if unknown:
             raise ValueError(f"{self.id}: default LoRA modules {sorted(unknown)} not in the model")
+        unknown = set(self.lora_target_parameters) - set(self.lora_target_modules)
+        if unknown:
+            raise ValueError(f"{self.id}: LoRA target parameters {sorted(unknown)} must be listed in lora_target_modules")
         if not self.id or not self.id.replace("-", "").replace(".", "").isalnum():
             raise ValueError(f"catalog id {self.id!r} must be letters, digits, '-' and '.'")
 

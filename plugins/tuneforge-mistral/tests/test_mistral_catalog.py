@@ -16,6 +16,7 @@ from mistral_fixtures import (  # noqa: F401 (fixtures are imported to be used)
     standin_dirs,
     standin_tokenizers,
 )
+from tuneforge_mistral import MIXTRAL_EXPERT_PARAMETERS
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -65,8 +66,12 @@ def test_catalog_entries(mistral_specs):
     assert mixtral.family == "mixtral" and mixtral.standin.model_type == "mixtral"
     assert mixtral.parameter_count == 46_702_792_704
     assert mixtral.context_length == 32_768
-    # experts are fused 3-D parameters, not modules: attention only (see MIXTRAL_EXPERT_PARAMETERS)
-    assert mixtral.lora_target_modules == ATTENTION == mixtral.default_lora_target_modules
+    # attention by default; the experts (fused 3-D parameters, not modules) on request
+    assert mixtral.default_lora_target_modules == ATTENTION
+    assert mixtral.lora_target_modules == ATTENTION + MIXTRAL_EXPERT_PARAMETERS
+    assert mixtral.lora_target_parameters == MIXTRAL_EXPERT_PARAMETERS == (
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    assert mistral.lora_target_parameters == ()
     assert mixtral.capabilities == ()
     assert mixtral.standin.config["num_local_experts"] == 8
     assert mixtral.standin.config["num_experts_per_tok"] == 2
@@ -144,6 +149,7 @@ def test_core_hyperparameters_accept_only_the_models_modules(mistral_specs):
     assert resolved(MISTRAL, ()) == ATTENTION
     assert resolved(MISTRAL, ("q_proj", "gate_proj", "down_proj")) == ("q_proj", "gate_proj", "down_proj")
     assert resolved(MIXTRAL, ()) == ATTENTION
+    assert resolved(MIXTRAL, ("q_proj", "mlp.experts.gate_up_proj")) == ("q_proj", "mlp.experts.gate_up_proj")
     for expert in ("gate_proj", "gate_up_proj", "w1"):
         with pytest.raises(HyperparameterError, match=f"{expert} not in this model"):
             resolved(MIXTRAL, ("q_proj", expert))

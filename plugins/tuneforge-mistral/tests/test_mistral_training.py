@@ -129,12 +129,12 @@ def load_adapter(model_dir: Path, adapter_dir: Path):
     return base, tuned.eval()
 
 
-def check_adapter(adapter_dir: Path, model_dir: Path, modules: tuple[str, ...]) -> None:
+def check_adapter(adapter_dir: Path, model_dir: Path, modules: tuple[str, ...], parameters: tuple[str, ...] = ()) -> None:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     assert config["base_model_name_or_path"] == str(model_dir.resolve())
     assert sorted(config["target_modules"]) == sorted(modules)
-    assert not config.get("target_parameters")  # Mixtral's fused experts are not targeted
+    assert sorted(config.get("target_parameters") or ()) == sorted(parameters)  # Mixtral's fused experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +193,31 @@ def test_mixtral_dpo_trains_and_its_adapter_loads(mistral_specs, standin_dirs, t
     check_adapter(result.adapter_dir, model_dir, ATTENTION)
     base, tuned = load_adapter(model_dir, result.adapter_dir)
     assert type(tuned.get_base_model()).__name__ == "MixtralForCausalLM"
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits)
+
+
+def test_mixtral_lora_on_the_experts_on_request(mistral_specs, standin_dirs, tmp_path):
+    """The experts' fused weights are selectable by name (never by default): they go to peft's
+    target_parameters, train, and the saved adapter loads and changes the experts' output."""
+    import torch
+
+    from tuneforge.core.hyperparameters import resolve
+    from tuneforge_builtin.sft import SFT
+    from tuneforge_mistral import MIXTRAL_EXPERT_PARAMETERS
+
+    spec, model_dir = mistral_specs[MIXTRAL], standin_dirs[MIXTRAL]
+    chosen = resolve({"lora_target_modules": ("q_proj", "v_proj", *MIXTRAL_EXPERT_PARAMETERS)},
+                     available_modules=spec.lora_target_modules,
+                     default_modules=spec.default_lora_target_modules).lora_target_modules
+    files = write_split(tmp_path / "data", conversations(12, seed=4), n_test=4)
+    result = SFT.train(context(spec, model_dir, files, tmp_path / "run", modules=chosen, max_epochs=1, n_evals=1))
+    assert result.steps == 2 and math.isfinite(result.eval_loss)
+    check_adapter(result.adapter_dir, model_dir, ("q_proj", "v_proj"), MIXTRAL_EXPERT_PARAMETERS)
+    base, tuned = load_adapter(model_dir, result.adapter_dir)
+    expert_lora = [n for n, p in tuned.named_parameters() if "experts" in n and "lora_B" in n]
+    assert len(expert_lora) == 2 * base.config.num_hidden_layers  # gate_up and down in every layer
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, tuned(ids).logits)
