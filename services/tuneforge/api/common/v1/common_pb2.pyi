@@ -158,7 +158,7 @@ class TrainingProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingMetrics(_message.Message):
-    __slots__ = ("steps", "epochs", "train_loss", "eval_loss", "stopped_early", "train_seconds", "extra")
+    __slots__ = ("steps", "epochs", "train_loss", "eval_loss", "stopped_early", "train_seconds", "extra", "base_eval_loss", "tool_call_accuracy", "base_tool_call_accuracy", "samples")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,10 @@ class TrainingMetrics(_message.Message):
     STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    BASE_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BASE_TOOL_CALL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     epochs: float
     train_loss: float
@@ -180,7 +184,25 @@ class TrainingMetrics(_message.Message):
     stopped_early: bool
     train_seconds: float
     extra: _containers.ScalarMap[str, float]
-    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., train_seconds: _Optional[float] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    base_eval_loss: float
+    tool_call_accuracy: float
+    base_tool_call_accuracy: float
+    samples: _containers.RepeatedCompositeFieldContainer[EvaluationSample]
+    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., train_seconds: _Optional[float] = ..., extra: _Optional[_Mapping[str, float]] = ..., base_eval_loss: _Optional[float] = ..., tool_call_accuracy: _Optional[float] = ..., base_tool_call_accuracy: _Optional[float] = ..., samples: _Optional[_Iterable[_Union[EvaluationSample, _Mapping]]] = ...) -> None: ...
+
+class EvaluationSample(_message.Message):
+    __slots__ = ("prompt_json", "prompt", "reference", "base_answer", "tuned_answer")
+    PROMPT_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    TUNED_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    prompt_json: str
+    prompt: str
+    reference: str
+    base_answer: str
+    tuned_answer: str
+    def __init__(self, prompt_json: _Optional[str] = ..., prompt: _Optional[str] = ..., reference: _Optional[str] = ..., base_answer: _Optional[str] = ..., tuned_answer: _Optional[str] = ...) -> None: ...
 
 class ArtifactFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")

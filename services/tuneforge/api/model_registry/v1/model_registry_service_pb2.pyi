@@ -75,16 +75,26 @@ class ResolveModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ResolveModelResponse(_message.Message):
-    __slots__ = ("model_id", "base_model", "adapter_path", "adapter_sha256")
+    __slots__ = ("model_id", "base_model", "adapter_path", "adapter_sha256", "base_model_source", "adapter_uri", "chat_template", "vllm_lora_module", "lora_rank")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_URI_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VLLM_LORA_MODULE_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     base_model: str
     adapter_path: str
     adapter_sha256: str
-    def __init__(self, model_id: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., adapter_sha256: _Optional[str] = ...) -> None: ...
+    base_model_source: str
+    adapter_uri: str
+    chat_template: str
+    vllm_lora_module: str
+    lora_rank: int
+    def __init__(self, model_id: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., base_model_source: _Optional[str] = ..., adapter_uri: _Optional[str] = ..., chat_template: _Optional[str] = ..., vllm_lora_module: _Optional[str] = ..., lora_rank: _Optional[int] = ...) -> None: ...
 
 class AssignModelToAgentRequest(_message.Message):
     __slots__ = ("model", "agent_id")
