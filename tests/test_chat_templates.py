@@ -1,5 +1,5 @@
-"""Which tokens carry the loss, pinned per family template: Llama 3, Qwen 2.5, and the DeepSeek R1
-distills on Llama and on Qwen (Mistral v0.3 has the same tests in its own plugin).
+"""Which tokens carry the loss, pinned per family template: Llama 3, Qwen 2.5, the DeepSeek R1
+distills on Llama and on Qwen, and SmolLM2 (Mistral v0.3 has the same tests in its own plugin).
 
 Each case is written out by hand as the published format renders it, with the family's real
 special tokens, split into segments that carry loss or not. The expected ids are the segments'
@@ -134,6 +134,20 @@ QWEN = {
                   ("It is 21 degrees.<|im_end|>", True), ("\n", False)],
 }
 
+SMOLLM2_DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SMOLLM2 = {  # ChatML as SmolLM2 publishes it: no tool-call format
+    "plain": [(SMOLLM2_DEFAULT_SYSTEM + im("user", "What is 2+2?") + "<|im_start|>assistant\n", False),
+              ("4.<|im_end|>", True), ("\n", False)],
+    "multi_turn": [(im("system", "Be brief.") + im("user", "Hi") + "<|im_start|>assistant\n", False),
+                   ("Hello!<|im_end|>", True),
+                   ("\n" + im("user", "Bye") + "<|im_start|>assistant\n", False),
+                   ("Goodbye.<|im_end|>", True), ("\n", False)],
+    "weighted": [(SMOLLM2_DEFAULT_SYSTEM + im("user", "Hi") + "<|im_start|>assistant\n", False),
+                 ("Draft answer.<|im_end|>", "weight0"),
+                 ("\n" + im("user", "Better?") + "<|im_start|>assistant\n", False),
+                 ("Final answer.<|im_end|>", True), ("\n", False)],
+}
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 R1 = {
     "plain": [(BOS + "<｜User｜>What is 2+2?<｜Assistant｜>", False), ("4." + EOS, True)],
@@ -158,6 +172,7 @@ FAMILIES = {  # family -> (catalog id of its stand-in, expected renderings)
     "qwen2.5": ("qwen-2.5-14b", QWEN),
     "r1-llama": ("deepseek-r1-distill-llama-70b", R1),
     "r1-qwen": ("deepseek-r1-distill-qwen-1.5b", R1),
+    "smollm2": ("smollm2-135m", SMOLLM2),
 }
 CASES = [(family, case) for family, (_, expected) in FAMILIES.items() for case in expected]
 
@@ -219,10 +234,11 @@ def test_special_tokens_are_single_ids(tokenizers, family):
         "qwen2.5": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>"],
         "r1-llama": [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
         "r1-qwen": [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
+        "smollm2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<empty_output>"],
     }[family]
     for token in specials:
         assert len(tokenizer.encode(token, add_special_tokens=False)) == 1, token
-    assert tokenizer.eos_token == {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>"}.get(family, EOS)
+    assert tokenizer.eos_token == {"llama3": "<|eot_id|>", "qwen2.5": "<|im_end|>", "smollm2": "<|im_end|>"}.get(family, EOS)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -293,3 +309,18 @@ def test_qwen2_standin_tokenizer_survives_reload(tokenizers, store, model_id):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids == saved.encode(text, add_special_tokens=False).ids, text
         assert tokenizer.decode(ids) == saved.decode(ids)
+
+
+def test_smollm2_catalog_entry():
+    """The local real model (DESIGN §2): its numbers are SmolLM2-135M-Instruct's config.json's;
+    the parameter count equals the real checkpoint's numel (tests/test_model_import.py loads it)."""
+    registry = get_registry()
+    spec = registry.base_model("smollm2-135m")
+    assert registry.model_plugins["smollm2-135m"] == "smollm"
+    assert (spec.display_name, spec.source) == ("SmolLM2 135M Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert spec.parameter_count == 134_515_008 and spec.context_length == 8_192
+    assert spec.capabilities == ()
+    assert spec.default_lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert len(spec.lora_target_modules) == 7
+    assert spec.standin.model_type == "llama"
+    assert spec.standin.tokenizer.leading_tokens[:3] == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -63,7 +63,8 @@ def test_up_cli_round_trip_and_clean_stop(tmp_path):
         builtin = sorted(i for i, m in by_id.items() if m["plugin"] in ("llama", "qwen", "deepseek"))
         assert builtin == TEN_CATALOG_MODELS  # the product description's ten
         mistral_installed = importlib.util.find_spec("tuneforge_mistral") is not None
-        assert len(by_id) == (12 if mistral_installed else 10)
+        assert len(by_id) == (13 if mistral_installed else 11)
+        assert by_id["smollm2-135m"]["plugin"] == "smollm"
         qwen72 = by_id["qwen-2.5-72b"]
         assert (qwen72["display_name"], qwen72["source"], int(qwen72["parameter_count"]), int(qwen72["context_length"])) == (
             "Qwen 2.5 72B", "Qwen/Qwen2.5-72B-Instruct", 72_706_203_648, 32_768)

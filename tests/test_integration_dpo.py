@@ -66,6 +66,9 @@ def test_dpo_job_end_to_end(tmp_path, smtp_server, stand_in_store):
         "TUNEFORGE_SMTP_PORT": str(smtp_server.port),
         "TUNEFORGE_MODEL_STORE": str(stand_in_store),
         "TUNEFORGE_TRAINING_HEARTBEAT_SECONDS": "1",
+        # A tiny stand-in gains nothing from intra-op threads; on 2 busy cores they stall (greedy
+        # decoding of the evaluation samples measured 4x slower with 2 threads than with 1).
+        "OMP_NUM_THREADS": "1",
     }
     started = time.monotonic()
     with Stack(tmp_path / "state", extra_env=env) as stack:
@@ -106,6 +109,12 @@ def test_dpo_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     assert extra["eval_reward_accuracy"] > 0.5 and extra["eval_reward_margin"] > 0  # preferred wins
     adapter_dir = tmp_path / "state" / "artifacts" / model.adapter_path
     assert (adapter_dir / "adapter_model.safetensors").is_file()
+    # Greedy samples of the base and the tuned model (no base loss: ln 2 by construction for DPO).
+    assert not model.metrics.HasField("base_eval_loss")
+    samples = model.metrics.samples
+    assert len(samples) == min(5, job.dataset.test_count)
+    assert all(s.prompt and s.reference for s in samples)
+    assert (adapter_dir / "samples.jsonl").is_file()
 
     # Exactly one email, with the reward metrics.
     assert len(smtp_server.messages) == 1
@@ -116,4 +125,5 @@ def test_dpo_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     accuracy = f"{extra['eval_reward_accuracy']:.1%}"
     assert f"Reward accuracy on the test split (preferred output scored higher): {accuracy}" in body
     assert "Mean reward margin on the test split" in body
+    assert f"Samples from the test split (greedy, base model vs fine-tuned, {len(samples)}):" in body
     assert len(outcome.deliveries) == 1

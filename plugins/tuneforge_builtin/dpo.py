@@ -21,7 +21,10 @@ the tuned model near the reference; larger values stay closer to the base model.
 Metrics on the test split at the end: ``eval_loss``, ``eval_reward_accuracy`` (share of pairs
 whose preferred output gets the higher implicit reward), ``eval_reward_margin`` (mean reward of the
 preferred minus the non-preferred output), ``eval_reward_chosen`` / ``eval_reward_rejected``, and
-``beta``. Heavy imports happen inside functions.
+``beta``. After training, greedy samples of the base model (adapter disabled) and the tuned one
+on the first test prompts, and tool-call accuracy of both where the preferred outputs call tools
+(:mod:`tuneforge_builtin.evaluation`); no base eval loss: the base's DPO loss against itself as
+the reference is ln 2 by construction. Heavy imports happen inside functions.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 from tuneforge.core.hyperparameters import Param
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import DATASET_KIND_PREFERENCES, TrainingContext, TrainingResult
-from tuneforge_builtin import trl_common
+from tuneforge_builtin import evaluation, trl_common
 from tuneforge_builtin.trl_common import planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -193,6 +196,8 @@ class DirectPreferenceOptimisation:
             DPOTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
             ref_model=None,  # with a peft_config: the base with the adapter disabled
+            # The base's DPO loss against itself is ln 2: compare greedy samples, not losses.
+            evaluation_set=evaluation.preference_evaluation_set(test_pairs), evaluate_base_loss=False,
         )
         return prepared, options
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import DATASET_KIND_CONVERSATIONS, TrainingContext, TrainingResult
-from tuneforge_builtin import trl_common
+from tuneforge_builtin import evaluation, trl_common
 from tuneforge_builtin.trl_common import planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,8 @@ class SupervisedFineTuning:
 
         prepared = trl_common.prepare_trainer(
             SFTTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
-            train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals)
+            train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
+            evaluation_set=evaluation.conversation_evaluation_set(test_rows), evaluate_base_loss=True)
         return prepared, rule
 
 

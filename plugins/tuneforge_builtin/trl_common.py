@@ -413,13 +413,19 @@ class PreparedRun:
     run: RunState
     paths: RunPaths
     n_evals: int  # 0 when there is no test split
+    # What to generate after training to compare with the base model (None: no comparison).
+    evaluation_set: Any = None  # an ``evaluation.EvaluationSet``
+    evaluate_base_loss: bool = False  # also the base model's eval loss (SFT; DPO's would be ln 2)
 
 
 def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPaths, *, model, tokenizer, config,
-                    train_dataset, eval_dataset, n_evals: int, **trainer_kwargs) -> PreparedRun:
+                    train_dataset, eval_dataset, n_evals: int, evaluation_set=None, evaluate_base_loss: bool = False,
+                    **trainer_kwargs) -> PreparedRun:
     """A TRL trainer of ``trainer_base`` (SFTTrainer, DPOTrainer, ...) with the product's learning
     rate schedule, LoRA from the hyperparameters, the schedule/progress callbacks, no console
-    output and the adapter anchored to the base model's absolute path."""
+    output and the adapter anchored to the base model's absolute path. ``evaluation_set`` and
+    ``evaluate_base_loss``: the comparison with the base model after training
+    (:mod:`tuneforge_builtin.evaluation`)."""
     hp = context.hyperparameters
     run = RunState()
     trainer = scheduled_trainer_class(trainer_base)(
@@ -435,7 +441,7 @@ def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPath
         **trainer_kwargs,
     )
     quiet_and_anchor(trainer, paths)
-    return PreparedRun(trainer, tokenizer, run, paths, n_evals)
+    return PreparedRun(trainer, tokenizer, run, paths, n_evals, evaluation_set, evaluate_base_loss)
 
 
 def quiet_and_anchor(trainer, paths: RunPaths) -> None:
@@ -452,8 +458,9 @@ def quiet_and_anchor(trainer, paths: RunPaths) -> None:
 
 def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> TrainingResult:
     """Train (resuming from ``context.resume_from`` when given), evaluate on the test split at
-    the last step if the schedule did not, save the final adapter and report it as the last
-    checkpoint. ``RunState.final_eval_metrics`` holds that last evaluation's metrics."""
+    the last step if the schedule did not, save the final adapter, compare with the base model
+    (unless cancelled: :func:`compare_with_base`) and report the adapter as the last checkpoint.
+    ``RunState.final_eval_metrics`` holds that last evaluation's metrics."""
     trainer, run, paths = prepared.trainer, prepared.run, prepared.paths
     resume = str(Path(context.resume_from).resolve()) if context.resume_from else None
     output = trainer.train(resume_from_checkpoint=resume)
@@ -471,6 +478,7 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
 
     trainer.model.save_pretrained(str(paths.adapter_dir), safe_serialization=True)
     prepared.tokenizer.save_pretrained(str(paths.adapter_dir))
+    comparison = None if run.cancelled else compare_with_base(prepared, context)
     final = CheckpointReport(step=state.global_step, path=paths.adapter_dir, eval_loss=eval_loss)
     context.report_checkpoint(final)
 
@@ -483,6 +491,8 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
         metrics["best_eval_loss"] = min(run.best_eval_loss, eval_loss if eval_loss is not None else math.inf)
     if run.tokens_per_second is not None:
         metrics["tokens_per_second"] = run.tokens_per_second
+    if comparison is not None:
+        metrics.update(comparison.metrics)
     return TrainingResult(
         adapter_dir=paths.adapter_dir,
         steps=state.global_step,
@@ -493,4 +503,31 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
         cancelled=run.cancelled,
         checkpoints=(*run.checkpoints, final),
         metrics=metrics,
+        base_eval_loss=comparison.base_eval_loss if comparison else None,
+        tool_call_accuracy=comparison.tool_call_accuracy if comparison else None,
+        base_tool_call_accuracy=comparison.base_tool_call_accuracy if comparison else None,
+        samples=list(comparison.samples) if comparison else [],
     )
+
+
+def compare_with_base(prepared: PreparedRun, context: TrainingContext):
+    """The trained model against its base on the test split (an ``evaluation.Evaluation``, or None
+    when there is nothing to compare); the samples also go to ``samples.jsonl`` in the adapter
+    directory. Best effort: the adapter is saved already, so a failure here is logged and the job
+    still succeeds, without the comparison."""
+    from tuneforge_builtin import evaluation
+
+    cases = prepared.evaluation_set
+    if cases is None or prepared.n_evals == 0:
+        return None
+    try:
+        result = evaluation.evaluate_against_base(
+            prepared.trainer, prepared.tokenizer, cases,
+            max_length=max_sequence_length(prepared.trainer.model, context.base_model),
+            base_eval_loss=prepared.evaluate_base_loss, job_id=context.job_id)
+    except Exception:
+        log.exception("job %s: comparison with the base model failed; the adapter is kept", context.job_id)
+        return None
+    if result.samples:
+        evaluation.write_samples(result.samples, prepared.paths.adapter_dir)
+    return result

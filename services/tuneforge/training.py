@@ -154,6 +154,12 @@ class TrainingResult:
     cancelled: bool = False
     checkpoints: tuple[CheckpointReport, ...] = ()
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Did it learn? The base model (adapter disabled) against the fine-tuned one on the test split.
+    base_eval_loss: float | None = None  # on the same eval batches as eval_loss (SFT)
+    tool_call_accuracy: float | None = None  # greedy generations, calls exactly right; None: no tool calls
+    base_tool_call_accuracy: float | None = None
+    # Greedy answers side by side: dicts with prompt_json, prompt, reference, base_answer, tuned_answer.
+    samples: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -22,12 +22,27 @@ from tuneforge.core.rpc import Page, file_chunks, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
+from tuneforge.plugins import get_registry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# TRL's assistant-mask markers, with or without whitespace control: ``{%- generation %}`` etc.
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(?:end)?generation\s*(-?)%\}")
 
+
+def serving_chat_template(training_template: str) -> str:
+    """The training template without ``{% generation %}``/``{% endgeneration %}``: those tags are
+    a transformers extension that plain Jinja (vLLM, llama.cpp, TGI) rejects. A tag with
+    whitespace control becomes an empty comment with the same control, so the rendered text is
+    byte-identical to what training saw."""
+
+    def plain(match: re.Match) -> str:
+        left, right = match.group(1), match.group(2)
+        return f"{{#{left}{right}#}}" if left or right else ""
+
+    return _GENERATION_TAG.sub(plain, training_template)
 
 
 class ModelRegistry(BaseService):
@@ -164,9 +179,22 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         async with self.app.db.session() as session:
             row = await self._find(session, request.name)
         files = {f["path"]: f for f in json.loads(row.files)}
+        # A model whose family plugin was uninstalled still resolves: without source and template.
+        spec = get_registry().base_models.get(row.base_model)
+        store = self.app.store
+        adapter_uri = f"{store.url}/{row.adapter_path}"
+        # vLLM reads the adapter from a local directory: the store's own for a local store, else
+        # the directory a user downloads the adapter to (DownloadModel), named after the model.
+        local_dir = f"{store.root}/{row.adapter_path}" if store.is_local else f"./{row.name}"
+        hp = common_pb2.Hyperparameters.FromString(row.hyperparameters)
         return pb.ResolveModelResponse(
             model_id=row.id, base_model=row.base_model, adapter_path=row.adapter_path,
             adapter_sha256=files["adapter_model.safetensors"]["sha256"],
+            base_model_source=spec.source if spec else "",
+            adapter_uri=adapter_uri,
+            chat_template=serving_chat_template(spec.training_chat_template) if spec else "",
+            vllm_lora_module=f"{row.name}={local_dir}",
+            lora_rank=hp.lora_rank,
         )
 
     def _enterprise(self, action: str) -> None:

@@ -36,7 +36,47 @@ EXTRA_METRIC_LABELS: dict[str, tuple[str, Callable[[float], str]]] = {
     "tokens_per_second": ("Training throughput", lambda v: f"{v:,.0f} tokens/s"),
     "train_runtime_seconds": ("Training time", lambda v: f"{v:,.0f} s"),
 }
-EXTRA_METRICS_SHOWN_ELSEWHERE = frozenset({"eval_loss", "total_steps"})
+EXTRA_METRICS_SHOWN_ELSEWHERE = frozenset({
+    "eval_loss", "total_steps", "tool_call_turns_evaluated", "tool_call_turns_total", "evaluation_samples",
+})
+SAMPLE_TEXT_LIMIT = 300  # characters of each prompt / answer shown in the email
+
+
+def _shorten(text: str, limit: int = SAMPLE_TEXT_LIMIT) -> str:
+    text = " ".join((text or "").split())
+    if not text:
+        return "(empty)"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _comparison_lines(m: common_pb2.TrainingMetrics) -> list[str]:
+    """Did it learn? Base model (adapter disabled) against the fine-tuned one on the test split."""
+    lines = []
+    if m.HasField("base_eval_loss") and m.HasField("eval_loss"):
+        change = ""
+        if m.base_eval_loss:
+            change = f" ({(m.eval_loss - m.base_eval_loss) / abs(m.base_eval_loss):+.1%})"
+        lines.append(f"  Eval loss: base {m.base_eval_loss:.4f} -> fine-tuned {m.eval_loss:.4f}{change}")
+    if m.HasField("tool_call_accuracy") and m.HasField("base_tool_call_accuracy"):
+        turns = m.extra.get("tool_call_turns_evaluated")
+        total = m.extra.get("tool_call_turns_total")
+        over = ""
+        if turns is not None:
+            over = f" over {turns:.0f} tool-call turns"
+            if total is not None and total > turns:
+                over += f" (of {total:.0f} in the test split)"
+        lines.append(f"  Tool-call accuracy (greedy, exact calls): base {m.base_tool_call_accuracy:.1%} -> "
+                     f"fine-tuned {m.tool_call_accuracy:.1%}{over}")
+    if m.samples:
+        lines += ["", f"Samples from the test split (greedy, base model vs fine-tuned, {len(m.samples)}):"]
+        for n, sample in enumerate(m.samples, 1):
+            lines += [
+                f"  {n}. Prompt:     {_shorten(sample.prompt)}",
+                f"     Reference:  {_shorten(sample.reference)}",
+                f"     Base:       {_shorten(sample.base_answer)}",
+                f"     Fine-tuned: {_shorten(sample.tuned_answer)}",
+            ]
+    return ["Did it learn? Base model against fine-tuned on the test split:", *lines] if lines else []
 
 
 def _extra_metric_lines(extra) -> list[str]:
@@ -57,6 +97,7 @@ def job_succeeded(event: ev.JobSucceeded) -> tuple[str, str]:
         ]
     else:
         m = event.metrics
+        comparison = _comparison_lines(m)
         subject = f"Your fine-tuned model '{event.model_name}' is ready"
         lines = [
             f"The fine-tuning job '{event.job_name}' succeeded.",
@@ -68,6 +109,8 @@ def job_succeeded(event: ev.JobSucceeded) -> tuple[str, str]:
             + (" (stopped early: eval loss stopped improving)" if m.stopped_early else ""),
             *_extra_metric_lines(m.extra),
             "",
+            *comparison,
+            *([""] if comparison else []),
             *_dataset_lines(event.dataset),
         ]
     return subject, "\n".join(lines) + f"\n\nJob id: {event.meta.job_id}\n"

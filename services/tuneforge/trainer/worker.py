@@ -30,7 +30,7 @@ from tuneforge.core.bus import Bus
 from tuneforge.core.settings import Settings
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.plugins import get_registry
-from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext
+from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext, TrainingResult
 
 log = logging.getLogger(__name__)
 WORK_CONSUMER = "trainers"
@@ -46,6 +46,24 @@ def extra_metrics(metrics: dict[str, object]) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[str(name)] = float(value)
     return out
+
+
+SAMPLE_FIELDS = ("prompt_json", "prompt", "reference", "base_answer", "tuned_answer")
+
+
+def training_metrics(result: TrainingResult, train_seconds: float) -> common_pb2.TrainingMetrics:
+    """A method's result as the ``TrainingMetrics`` that reach the scheduler, the registry and the
+    email: losses, the comparison with the base model (non-finite values left out), the samples."""
+    metrics = common_pb2.TrainingMetrics(steps=result.steps, epochs=result.epochs,
+                                         stopped_early=result.stopped_early, train_seconds=train_seconds)
+    for field in ("train_loss", "eval_loss", "base_eval_loss", "tool_call_accuracy", "base_tool_call_accuracy"):
+        value = getattr(result, field)
+        if value is not None and math.isfinite(value):
+            setattr(metrics, field, float(value))
+    metrics.extra.update(extra_metrics(result.metrics))
+    for sample in result.samples:
+        metrics.samples.add(**{name: str(sample.get(name) or "") for name in SAMPLE_FIELDS})
+    return metrics
 
 
 class UserDataError(Exception):
@@ -251,12 +269,6 @@ class TrainingWorker:
         if result.cancelled:
             return ev.TrainingRunCancelled(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                            adapter_path=adapter_key, step=result.steps)
-        metrics = common_pb2.TrainingMetrics(steps=result.steps, epochs=result.epochs,
-                                             stopped_early=result.stopped_early, train_seconds=elapsed)
-        if result.train_loss is not None:
-            metrics.train_loss = result.train_loss
-        if result.eval_loss is not None:
-            metrics.eval_loss = result.eval_loss
-        metrics.extra.update(extra_metrics(result.metrics))
+        metrics = training_metrics(result, elapsed)
         return ev.TrainingRunSucceeded(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                        adapter_path=adapter_key, metrics=metrics)
