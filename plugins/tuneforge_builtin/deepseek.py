@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
+from tuneforge.training import BaseModelSpec, TokenizerRecipe
 from tuneforge_builtin import llama, qwen
-from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
+from tuneforge_builtin.catalog import CatalogEntry, Family
 
-FAMILY = "deepseek-r1-distill"
+FAMILY_NAME = "deepseek-r1-distill"
 TEMPLATE_RESOURCE = "deepseek_r1_training.jinja"
 CONTEXT_LENGTH = 131_072  # max_position_embeddings of all three distills
-DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CAPABILITIES = ("reasoning",)
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -51,65 +50,36 @@ QWEN_TOKENIZER = dataclasses.replace(
 QWEN_MATH_1_5B = qwen.architecture(1536, 8960, 28, 12, 2, tie_word_embeddings=False, vocab_size=151_936)
 
 
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    id: str
-    display_name: str
-    source: str
-    base: str  # "llama" or "qwen2": whose architecture, stand-in and tokenizer pipeline
-    architecture: DenseArchitecture
-    description: str
+# One family name, two bases: the architecture class, stand-in and tokenizer pipeline are the
+# base's, the template and context length DeepSeek's.
+LLAMA_BASED = dataclasses.replace(llama.FAMILY, name=FAMILY_NAME, template_resource=TEMPLATE_RESOURCE,
+                                  context_length=CONTEXT_LENGTH, tokenizer=LLAMA_TOKENIZER)
+QWEN_BASED = dataclasses.replace(qwen.FAMILY, name=FAMILY_NAME, template_resource=TEMPLATE_RESOURCE,
+                                 context_length=CONTEXT_LENGTH, tokenizer=QWEN_TOKENIZER)
 
-
-CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry(
+CATALOG: tuple[tuple[Family, CatalogEntry], ...] = (
+    (LLAMA_BASED, CatalogEntry(
         "deepseek-r1-distill-llama-70b", "Deepseek R1 - Llama 3.3 70B Distil",
-        "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "llama", llama.ARCHITECTURES["70b"],
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-70B", llama.ARCHITECTURES["70b"],
         "DeepSeek R1 reasoning distilled into Llama 3.3 70B Instruct: thinks in <think> blocks, 128k context.",
-    ),
-    CatalogEntry(
+        CAPABILITIES,
+    )),
+    (QWEN_BASED, CatalogEntry(
         "deepseek-r1-distill-qwen-1.5b", "Deepseek R1 - Qwen 1.5B Distill",
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "qwen2", QWEN_MATH_1_5B,
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", QWEN_MATH_1_5B,
         "DeepSeek R1 reasoning distilled into Qwen 2.5 Math 1.5B: small reasoning model, 128k context.",
-    ),
-    CatalogEntry(
+        CAPABILITIES,
+    )),
+    (QWEN_BASED, CatalogEntry(
         "deepseek-r1-distill-qwen-14b", "Deepseek R1 - Qwen 14B Distill",
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "qwen2", qwen.ARCHITECTURES["14b"],
-        "DeepSeek R1 reasoning distilled into Qwen 2.5 14B: reasoning model, 128k context.",
-    ),
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", qwen.ARCHITECTURES["14b"],
+        "DeepSeek R1 reasoning distilled into Qwen 2.5 14B: reasoning model, 128k context.", CAPABILITIES,
+    )),
 )
 
 
-def training_chat_template() -> str:
-    """The R1 distill training chat template (with generation markers), shipped with this package."""
-    return packaged_template(TEMPLATE_RESOURCE)
-
-
-def standin_shape(entry: CatalogEntry) -> StandinShape:
-    if entry.base == "llama":
-        return llama.standin_shape(entry.architecture, tokenizer=LLAMA_TOKENIZER)
-    return qwen.standin_shape(entry.architecture, tokenizer=QWEN_TOKENIZER)
-
-
-def build_spec(entry: CatalogEntry) -> BaseModelSpec:
-    return BaseModelSpec(
-        id=entry.id,
-        display_name=entry.display_name,
-        description=entry.description,
-        family=FAMILY,
-        source=entry.source,
-        parameter_count=entry.architecture.parameter_count,
-        context_length=CONTEXT_LENGTH,
-        lora_target_modules=ALL_LORA_MODULES,
-        default_lora_target_modules=DEFAULT_LORA_MODULES,
-        training_chat_template=training_chat_template(),
-        capabilities=CAPABILITIES,
-        standin=standin_shape(entry),
-    )
-
-
 def specs() -> list[BaseModelSpec]:
-    return [build_spec(entry) for entry in CATALOG]
+    return [family.spec(entry) for family, entry in CATALOG]
 
 
 @hookimpl

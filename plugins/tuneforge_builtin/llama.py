@@ -1,25 +1,22 @@
 """Llama 3.x family plugin: the catalog entries of Meta's Llama 3.1, 3.2 and 3.3 instruct models.
 
-Declarative: one table of architectures (the published configs), one table of catalog entries,
-and small builders that turn them into ``BaseModelSpec``s. Parameter counts are computed from the
+Declarative: one table of architectures (the published configs), the family (template, context,
+stand-in, tokenizer recipe) and one table of catalog entries; ``catalog.Family.spec`` turns a row
+into a ``BaseModelSpec``. Parameter counts are computed from the
 architecture (they match the published safetensors totals). No torch here: the light services
 import this module to read the catalog.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
-from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
+from tuneforge.training import BaseModelSpec, TokenizerRecipe
+from tuneforge_builtin.catalog import TINY_DECODER, CatalogEntry, DenseArchitecture, Family
 
-FAMILY = "llama"
 MODEL_TYPE = "llama"
 TEMPLATE_RESOURCE = "llama3_training.jinja"
 LLAMA3_VOCAB_SIZE = 128_256
 LLAMA3_CONTEXT_LENGTH = 131_072
-DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 TOOL_CAPABILITIES = ("tool_calling", "planning")
 
 
@@ -65,85 +62,40 @@ TOKENIZER = TokenizerRecipe(
 )
 
 # The stand-in keeps the real architecture class and tying, at a tiny size.
-STANDIN_BASE_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    # 1/sqrt(hidden_size). The usual 0.02 suits widths of ~1k: at width 64 it leaves embedding rows
-    # of norm ~0.16, so after the final RMSNorm no logit can move by more than ~1.3 and a LoRA on
-    # the attention cannot lower the loss visibly (measured: 8.01 -> 7.68 in 10 steps at lr 1e-2).
-    "initializer_range": 0.125,
-}
+STANDIN_BASE_CONFIG = {**TINY_DECODER, "rms_norm_eps": 1e-5}
 
-
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    id: str
-    display_name: str
-    source: str
-    architecture: str  # key of ARCHITECTURES
-    capabilities: tuple[str, ...]
-    description: str
-
+FAMILY = Family("llama", MODEL_TYPE, TEMPLATE_RESOURCE, LLAMA3_CONTEXT_LENGTH, TOKENIZER, STANDIN_BASE_CONFIG)
+ARCH = ARCHITECTURES  # short for the table below
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
-        "llama-3.1-8b", "Llama 3.1 8B", "meta-llama/Llama-3.1-8B-Instruct", "8b", TOOL_CAPABILITIES,
+        "llama-3.1-8b", "Llama 3.1 8B", "meta-llama/Llama-3.1-8B-Instruct", ARCH["8b"],
         "Meta Llama 3.1 8B Instruct: multilingual chat model with function calling, 128k context.",
+        TOOL_CAPABILITIES,
     ),
     CatalogEntry(
-        "llama-3.1-70b", "Llama 3.1 70B", "meta-llama/Llama-3.1-70B-Instruct", "70b", TOOL_CAPABILITIES,
+        "llama-3.1-70b", "Llama 3.1 70B", "meta-llama/Llama-3.1-70B-Instruct", ARCH["70b"],
         "Meta Llama 3.1 70B Instruct: large multilingual chat model with function calling, 128k context.",
+        TOOL_CAPABILITIES,
     ),
     CatalogEntry(
-        "llama-3.2-1b", "Llama 3.2 1B", "meta-llama/Llama-3.2-1B-Instruct", "1b", (),
+        "llama-3.2-1b", "Llama 3.2 1B", "meta-llama/Llama-3.2-1B-Instruct", ARCH["1b"],
         "Meta Llama 3.2 1B Instruct: lightweight multilingual chat model for on-device use, 128k context.",
     ),
     CatalogEntry(
-        "llama-3.2-3b", "Llama 3.2 3B", "meta-llama/Llama-3.2-3B-Instruct", "3b", (),
+        "llama-3.2-3b", "Llama 3.2 3B", "meta-llama/Llama-3.2-3B-Instruct", ARCH["3b"],
         "Meta Llama 3.2 3B Instruct: lightweight multilingual chat model, 128k context.",
     ),
     CatalogEntry(
-        "llama-3.3-70b", "Llama 3.3 70B", "meta-llama/Llama-3.3-70B-Instruct", "70b", TOOL_CAPABILITIES,
+        "llama-3.3-70b", "Llama 3.3 70B", "meta-llama/Llama-3.3-70B-Instruct", ARCH["70b"],
         "Meta Llama 3.3 70B Instruct: text-only 70B chat model with function calling, 128k context.",
+        TOOL_CAPABILITIES,
     ),
 )
 
 
-def training_chat_template() -> str:
-    """The Llama 3 training chat template (with generation markers), shipped with this package."""
-    return packaged_template(TEMPLATE_RESOURCE)
-
-
-def standin_shape(arch: DenseArchitecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
-    return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
-                        tokenizer=tokenizer)
-
-
-def build_spec(entry: CatalogEntry) -> BaseModelSpec:
-    arch = ARCHITECTURES[entry.architecture]
-    return BaseModelSpec(
-        id=entry.id,
-        display_name=entry.display_name,
-        description=entry.description,
-        family=FAMILY,
-        source=entry.source,
-        parameter_count=arch.parameter_count,
-        context_length=LLAMA3_CONTEXT_LENGTH,
-        lora_target_modules=ALL_LORA_MODULES,
-        default_lora_target_modules=DEFAULT_LORA_MODULES,
-        training_chat_template=training_chat_template(),
-        capabilities=entry.capabilities,
-        standin=standin_shape(arch),
-    )
-
-
 def specs() -> list[BaseModelSpec]:
-    return [build_spec(entry) for entry in CATALOG]
+    return [FAMILY.spec(entry) for entry in CATALOG]
 
 
 @hookimpl

@@ -8,18 +8,14 @@ q/k/v projections). No torch here: the light services import this module to read
 
 from __future__ import annotations
 
-import dataclasses
-
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
-from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
+from tuneforge.training import BaseModelSpec, TokenizerRecipe
+from tuneforge_builtin.catalog import TINY_DECODER, CatalogEntry, DenseArchitecture, Family
 
-FAMILY = "qwen2"
 MODEL_TYPE = "qwen2"
 TEMPLATE_RESOURCE = "qwen2_5_training.jinja"
 QWEN2_5_VOCAB_SIZE = 152_064  # embedding rows of the 7B+ checkpoints (151,665 tokens, padded)
 QWEN2_5_CONTEXT_LENGTH = 32_768  # max_position_embeddings (131,072 only with YaRN scaling)
-DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CAPABILITIES = ("tool_calling",)
 
 
@@ -58,71 +54,25 @@ TOKENIZER = TokenizerRecipe(
 )
 
 # The stand-in keeps the real architecture class (q/k/v biases) and tying, at a tiny size.
-STANDIN_BASE_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1_000_000.0,
-    "use_sliding_window": False,
-    "initializer_range": 0.125,  # see the Llama plugin: 0.02 leaves a tiny model unable to learn
-}
+STANDIN_BASE_CONFIG = {**TINY_DECODER, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "use_sliding_window": False}
 
-
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    id: str
-    display_name: str
-    source: str
-    architecture: str  # key of ARCHITECTURES
-    description: str
-
+FAMILY = Family("qwen2", MODEL_TYPE, TEMPLATE_RESOURCE, QWEN2_5_CONTEXT_LENGTH, TOKENIZER, STANDIN_BASE_CONFIG)
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
-        "qwen-2.5-14b", "Qwen 2.5 14B", "Qwen/Qwen2.5-14B-Instruct", "14b",
-        "Alibaba Qwen 2.5 14B Instruct: multilingual chat model with tool calling, 32k context.",
+        "qwen-2.5-14b", "Qwen 2.5 14B", "Qwen/Qwen2.5-14B-Instruct", ARCHITECTURES["14b"],
+        "Alibaba Qwen 2.5 14B Instruct: multilingual chat model with tool calling, 32k context.", CAPABILITIES,
     ),
     CatalogEntry(
-        "qwen-2.5-72b", "Qwen 2.5 72B", "Qwen/Qwen2.5-72B-Instruct", "72b",
+        "qwen-2.5-72b", "Qwen 2.5 72B", "Qwen/Qwen2.5-72B-Instruct", ARCHITECTURES["72b"],
         "Alibaba Qwen 2.5 72B Instruct: large multilingual chat model with tool calling, 32k context.",
+        CAPABILITIES,
     ),
 )
 
 
-def training_chat_template() -> str:
-    """The Qwen 2.5 training chat template (with generation markers), shipped with this package."""
-    return packaged_template(TEMPLATE_RESOURCE)
-
-
-def standin_shape(arch: DenseArchitecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
-    return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
-                        tokenizer=tokenizer)
-
-
-def build_spec(entry: CatalogEntry) -> BaseModelSpec:
-    arch = ARCHITECTURES[entry.architecture]
-    return BaseModelSpec(
-        id=entry.id,
-        display_name=entry.display_name,
-        description=entry.description,
-        family=FAMILY,
-        source=entry.source,
-        parameter_count=arch.parameter_count,
-        context_length=QWEN2_5_CONTEXT_LENGTH,
-        lora_target_modules=ALL_LORA_MODULES,
-        default_lora_target_modules=DEFAULT_LORA_MODULES,
-        training_chat_template=training_chat_template(),
-        capabilities=CAPABILITIES,
-        standin=standin_shape(arch),
-    )
-
-
 def specs() -> list[BaseModelSpec]:
-    return [build_spec(entry) for entry in CATALOG]
+    return [FAMILY.spec(entry) for entry in CATALOG]
 
 
 @hookimpl

@@ -11,18 +11,14 @@ catalog.
 
 from __future__ import annotations
 
-import dataclasses
-
 from tuneforge.hookspecs import hookimpl
-from tuneforge.training import ALL_LORA_MODULES, BaseModelSpec, StandinShape, TokenizerRecipe
-from tuneforge_builtin.catalog import DenseArchitecture, packaged_template
+from tuneforge.training import BaseModelSpec, TokenizerRecipe
+from tuneforge_builtin.catalog import TINY_DECODER, CatalogEntry, DenseArchitecture, Family
 
-FAMILY = "smollm2"
 MODEL_TYPE = "llama"
 TEMPLATE_RESOURCE = "smollm2_training.jinja"
 SMOLLM2_VOCAB_SIZE = 49_152
 SMOLLM2_CONTEXT_LENGTH = 8_192  # max_position_embeddings (rope_theta 100,000)
-DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CAPABILITIES: tuple[str, ...] = ()  # no tool-call format
 
 
@@ -60,66 +56,20 @@ TOKENIZER = TokenizerRecipe(
 )
 
 # The stand-in keeps the real architecture class and tying, at a tiny size.
-STANDIN_BASE_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 100_000.0,
-    "initializer_range": 0.125,  # see the Llama plugin: 0.02 leaves a tiny model unable to learn
-}
+STANDIN_BASE_CONFIG = {**TINY_DECODER, "rms_norm_eps": 1e-5, "rope_theta": 100_000.0}
 
-
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    id: str
-    display_name: str
-    source: str
-    architecture: str  # key of ARCHITECTURES
-    description: str
-
+FAMILY = Family("smollm2", MODEL_TYPE, TEMPLATE_RESOURCE, SMOLLM2_CONTEXT_LENGTH, TOKENIZER, STANDIN_BASE_CONFIG)
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
-        "smollm2-135m", "SmolLM2 135M Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "135m",
-        "SmolLM2 135M Instruct (local model for laptops, demos and tests)",
+        "smollm2-135m", "SmolLM2 135M Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", ARCHITECTURES["135m"],
+        "SmolLM2 135M Instruct (local model for laptops, demos and tests)", CAPABILITIES,
     ),
 )
 
 
-def training_chat_template() -> str:
-    """The SmolLM2 training chat template (with generation markers), shipped with this package."""
-    return packaged_template(TEMPLATE_RESOURCE)
-
-
-def standin_shape(arch: DenseArchitecture, tokenizer: TokenizerRecipe = TOKENIZER) -> StandinShape:
-    return StandinShape(MODEL_TYPE, {**STANDIN_BASE_CONFIG, "tie_word_embeddings": arch.tie_word_embeddings},
-                        tokenizer=tokenizer)
-
-
-def build_spec(entry: CatalogEntry) -> BaseModelSpec:
-    arch = ARCHITECTURES[entry.architecture]
-    return BaseModelSpec(
-        id=entry.id,
-        display_name=entry.display_name,
-        description=entry.description,
-        family=FAMILY,
-        source=entry.source,
-        parameter_count=arch.parameter_count,
-        context_length=SMOLLM2_CONTEXT_LENGTH,
-        lora_target_modules=ALL_LORA_MODULES,
-        default_lora_target_modules=DEFAULT_LORA_MODULES,
-        training_chat_template=training_chat_template(),
-        capabilities=CAPABILITIES,
-        standin=standin_shape(arch),
-    )
-
-
 def specs() -> list[BaseModelSpec]:
-    return [build_spec(entry) for entry in CATALOG]
+    return [FAMILY.spec(entry) for entry in CATALOG]
 
 
 @hookimpl
