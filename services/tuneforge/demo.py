@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
-from tuneforge.quickstart import EXAMPLES, _ProgressView, run_job
+from tuneforge.quickstart import EXAMPLES, _ProgressView, finish, run_job
 
 BASE_MODEL = "smollm2-135m"
 TOPICS = ["billing", "shipping"]
@@ -147,18 +147,12 @@ def main(data_dir: Path, model_store: Path, keep_running: bool = False,
     if model is not None and model.metrics.samples:
         console.print(_samples_table(model.metrics.samples))
     ok = ok and learned
+    message = None
     if keep_running:
-        console.print(f"stack still running. Try the model:\n  export TUNEFORGE_API_KEY={outcome.api_key}\n"
-                      f"  TUNEFORGE_MODEL_STORE={model_store} tuneforge --data-dir {data_dir} models try {JOB_NAME} \"My invoice shows a charge twice.\"\n"
-                      "Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-    stack.stop()
-    console.print("[green]demo succeeded[/]" if ok else "[red]demo failed[/]")
-    return 0 if ok else 1
+        message = (f"stack still running. Try the model:\n  export TUNEFORGE_API_KEY={outcome.api_key}\n"
+                   f"  TUNEFORGE_MODEL_STORE={model_store} tuneforge --data-dir {data_dir} models try {JOB_NAME} "
+                   "\"My invoice shows a charge twice.\"\nCtrl-C to stop")
+    return finish(console, stack, "demo", ok, message)
 
 
 if __name__ == "__main__":

@@ -200,15 +200,21 @@ def main(data_dir: Path, keep_running: bool = False) -> int:
         table.add_row("email", "[red]missing[/]")
     table.add_row("time", f"{time.monotonic() - started:.0f} s")
     console.print(table)
-    if keep_running:
-        console.print(f"stack still running; API key: {outcome.api_key}\nCtrl-C to stop")
+    return finish(console, stack, "quickstart", ok,
+                  f"stack still running; API key: {outcome.api_key}\nCtrl-C to stop" if keep_running else None)
+
+
+def finish(console, stack, what: str, ok: bool, keep_running_message: str | None) -> int:
+    """Leave the stack up until Ctrl-C when asked (printing how to use it), stop it, say how it went."""
+    if keep_running_message:
+        console.print(keep_running_message)
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
     stack.stop()
-    console.print("[green]quickstart succeeded[/]" if ok else "[red]quickstart failed[/]")
+    console.print(f"[green]{what} succeeded[/]" if ok else f"[red]{what} failed[/]")
     return 0 if ok else 1
 
 
