@@ -133,3 +133,18 @@ async def workspace(endpoints, plan=None, email="owner@example.com"):
     return clients
 
 
+
+
+# --- torch ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    barriers stall on descheduled threads: measured 63 s for test_sft_training.py with 2 threads
+    beside another training process, 21 s with 1. Training test modules use it for every test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

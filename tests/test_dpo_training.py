@@ -124,15 +124,8 @@ def completion_logps(model, tokenizer, pairs: list[dict]) -> list[tuple[float, f
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    barriers stall on descheduled threads (see tests/test_sft_training.py)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this module trains: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -106,16 +106,11 @@ def test_evaluation_sets_from_test_rows():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread_and_short_generations():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_torch_thread_and_short_generations(one_torch_thread):
     saved = evaluation.MAX_NEW_TOKENS_SAMPLE, evaluation.MAX_NEW_TOKENS_TOOL_CALL
     evaluation.MAX_NEW_TOKENS_SAMPLE, evaluation.MAX_NEW_TOKENS_TOOL_CALL = 24, 32
     yield
     evaluation.MAX_NEW_TOKENS_SAMPLE, evaluation.MAX_NEW_TOKENS_TOOL_CALL = saved
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

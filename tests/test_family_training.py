@@ -66,13 +66,8 @@ DATA = {"qwen-2.5-14b": tool_rows, "deepseek-r1-distill-qwen-1.5b": reasoning_ro
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this module trains: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

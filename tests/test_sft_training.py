@@ -133,16 +133,8 @@ def masked_runs(mask: list[int]) -> list[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    barriers stall on descheduled threads: measured 63 s for this file with 2 threads beside
-    another training process, 21 s with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every test of this module trains: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

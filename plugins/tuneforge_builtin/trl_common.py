@@ -37,6 +37,7 @@ from tuneforge.training import (
     ProgressReport,
     TrainingContext,
     TrainingResult,
+    finite_metrics,
     template_row,
 )
 
@@ -82,15 +83,6 @@ def spread(n: int, total_steps: int) -> list[int]:
 
 def planned_total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
     return math.ceil(n_examples / batch_size) * epochs
-
-
-def finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """The finite numbers of a metrics dict (bools and NaN/inf left out)."""
-    out = {}
-    for key, value in (metrics or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[key] = float(value)
-    return out
 
 
 @dataclasses.dataclass

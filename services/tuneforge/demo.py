@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
-from tuneforge.quickstart import EXAMPLES, _ProgressView, finish, run_job
+from tuneforge.quickstart import EXAMPLES, ProgressView, finish, run_job
 
 BASE_MODEL = "smollm2-135m"
 TOPICS = ["billing", "shipping"]
@@ -102,7 +102,7 @@ def main(data_dir: Path, model_store: Path, keep_running: bool = False,
     hyperparameters = common_pb2.Hyperparameters(**DEMO_HYPERPARAMETERS)
     if overrides is not None:
         hyperparameters.MergeFrom(overrides)
-    view = _ProgressView(console)
+    view = ProgressView(console)
     try:
         outcome = asyncio.run(run_job(
             stack.endpoints, stack.admin_token, examples=examples, topics=TOPICS, job_name=JOB_NAME,

@@ -104,7 +104,7 @@ async def run_job(
         await clients.close()
 
 
-class _ProgressView:
+class ProgressView:
     def __init__(self, console: Console):
         self.console = console
         self.progress = Progress(
@@ -159,7 +159,7 @@ def main(data_dir: Path, keep_running: bool = False) -> int:
     stack = Stack(data_dir)
     stack.start()
     console.print("stack up: nats-server + " + ", ".join(f"{s} ({t})" for s, t in stack.endpoints.items()))
-    view = _ProgressView(console)
+    view = ProgressView(console)
     try:
         outcome = asyncio.run(run_job(stack.endpoints, stack.admin_token, on_event=view))
     except BaseException:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,6 +194,16 @@ class TrainingMethod(Protocol):
 
     def train(self, context: TrainingContext) -> TrainingResult:
         """Run the training; heavy imports happen inside."""
+
+
+def finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The finite numbers of a metrics dict, keys as strings (bools, NaN and inf left out: a
+    proto map would carry them, but no reader can use them)."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[str(key)] = float(value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

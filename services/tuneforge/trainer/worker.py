@@ -31,21 +31,12 @@ from tuneforge.core.settings import Settings
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.plugins import get_registry
 from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext, TrainingResult
+from tuneforge.training import finite_metrics as extra_metrics  # a result's metrics as TrainingMetrics.extra
 
 log = logging.getLogger(__name__)
 WORK_CONSUMER = "trainers"
 MAX_DELIVER = 5
 PROGRESS_MIN_INTERVAL = 0.5
-
-
-def extra_metrics(metrics: dict[str, object]) -> dict[str, float]:
-    """A method's metrics as ``TrainingMetrics.extra``: finite numbers only (bools, NaN and inf
-    left out: protobuf would carry them, but no reader can use them)."""
-    out = {}
-    for name, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[str(name)] = float(value)
-    return out
 
 
 SAMPLE_FIELDS = ("prompt_json", "prompt", "reference", "base_answer", "tuned_answer")
