@@ -183,6 +183,18 @@ CASES = [
      [("messages[1].content", "empty_content")], "conversation", 3),
     ("content_not_string-parts-object", enc(msgs(U, {"role": "assistant", "content": {"type": "text", "text": "x"}})),
      [("messages[1].content", "content_not_string")], "conversation", 2),
+    # hostile lines (issue 8): each its own code, the good lines around them still stored
+    ("too_deep", b'{"text": "a", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", [("", "too_deep")], "text", 2),
+    ("too_deep-65", b'{"text": "a", "x": ' + b"[" * 64 + b"]" * 64 + b"}", [("", "too_deep")], "text", 3),
+    ("number_too_large", b'{"text": "a", "n": 1e999}', [("", "number_too_large")], "text", 3),
+    ("number_too_large-int", b'{"text": "a", "n": ' + b"7" * 5000 + b"}", [("", "number_too_large")], "text", 2),
+    ("invalid_number", b'{"text": "a", "n": NaN}', [("", "invalid_number")], "text", 4),
+    ("invalid_number-infinity", b'{"text": "a", "n": -Infinity}', [("", "invalid_number")], "text", 2),
+    ("nul_byte", b'{"text": "a\x00b"}', [("", "nul_byte")], "text", 3),
+    ("nul_byte-escaped", b'{"text": "a\\u0000b"}', [("", "nul_byte")], "text", 2),
+    ("invalid_unicode", b'{"text": "\\ud800 alone"}', [("", "invalid_unicode")], "text", 3),
+    ("invalid_unicode-in-topics", enc({"text": "a"})[:-1] + b', "topics": ["\\udc00"]}', [("", "invalid_unicode")],
+     "text", 2),
 ]
 
 
@@ -207,9 +219,28 @@ def test_every_code_in_formats_py_is_covered():
             name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
             if name in ("add", "LineError"):
                 codes.add(node.args[2].value)
-    covered = {c[0].split("-")[0] for c in CASES} | {"mixed_formats"}
+    # the codes of refused-but-valid JSON (too deep, numbers out of range) come from JsonProblem
+    from tuneforge.core import validation
+
+    for module in (formats, validation):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "JsonProblem"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                codes.add(node.args[0].value)
+    covered = {c[0].split("-")[0] for c in CASES} | {"mixed_formats", "unreadable_line"}  # the last: below
     assert len(codes) >= 26
     assert codes == covered
+
+
+def test_a_line_the_validator_cannot_handle_is_refused_alone(monkeypatch):
+    """A bug in a check refuses that line (unreadable_line) and never takes the others with it."""
+    def broken(*_args, **_kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(formats, "_check_string", broken)
+    examples, errors = validate([enc({"text": "a"}), enc(conv(1)), enc(conv(2))])
+    assert [(e.line, e.code) for e in errors] == [(1, "unreadable_line")]
+    assert [e.line for e in examples] == [2, 3]
 
 
 def test_messages_name_the_problem():
@@ -349,7 +380,7 @@ def test_nan_and_infinity_are_not_json():
                 b'"function": {"name": "f", "arguments": "{\\"x\\": NaN}"}}]}], "tools": [{"type": "function", '
                 b'"function": {"name": "f"}}]}'):
         example, errors = parse_line(raw, 1)
-        assert example is None and errors[0].code in ("invalid_json", "invalid_tool_arguments")
+        assert example is None and errors[0].code in ("invalid_number", "invalid_tool_arguments")
 
 
 def test_line_topics_longer_than_100_characters_are_rejected():

@@ -50,7 +50,9 @@ async def test_every_rpc_needs_a_key(services):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await wrong.job_scheduler.CreateWorkspace(js.CreateWorkspaceRequest(
                 name="x", plan=common_pb2.PLAN_STARTER, owner_email="a@b.co"))
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # an unknown key is no credential at all; a valid workspace key gets PERMISSION_DENIED
+        # (tests/test_authorization.py)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await anonymous.close()
         await wrong.close()

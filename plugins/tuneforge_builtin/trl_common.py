@@ -158,11 +158,17 @@ def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: 
     chat template. The seed is set before the model (and later the adapter) is built."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
+    from tuneforge.trainer.model_import import check_safe_model_dir
+
+    # Safetensors only, never remote code: a folder with a pickle file is refused before loading
+    # (UnsafeModelError: the job fails with that reason).
+    check_safe_model_dir(paths.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(paths.model_dir), trust_remote_code=False)
     if context.base_model.training_chat_template:
         tokenizer.chat_template = context.base_model.training_chat_template
     set_seed(context.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=device.dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=device.dtype, trust_remote_code=False,
+                                                 use_safetensors=True)
     return model, tokenizer
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def cmd_serve(args) -> int:
     from tuneforge.stack import load_service_class
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, args.service)
     service = load_service_class(args.service)(settings)
     asyncio.run(run_service(service))
     return 0
@@ -33,32 +34,30 @@ def cmd_serve(args) -> int:
 def cmd_up(args) -> int:
     from tuneforge.stack import Stack
 
+    import threading
+
     data_dir = _data_dir(args)
-    stack = Stack(data_dir, nats_url=args.nats_url)
+    # Supervised: a process that exits on its own (a service, or the bundled nats-server) is
+    # restarted with back-off and a line on stderr; a crash loop is reported and given up on
+    # (stack.RestartPolicy). Only Ctrl-C / SIGTERM stops everything.
+    stack = Stack(data_dir, nats_url=args.nats_url, supervise=True)
     print(f"starting tuneforge in {data_dir} ...", flush=True)
     stack.start()
     print(f"NATS: {stack.nats_url}")
     for service, target in stack.endpoints.items():
         print(f"  {service:16s} {target}")
-    print(f"admin token: {data_dir / 'admin_token'}\nlogs: {data_dir / 'logs'}\nCtrl-C stops everything.", flush=True)
-    stop = {"flag": False}
+    print(f"admin token: {data_dir / 'admin_token'}\nlogs: {data_dir / 'logs'}\n"
+          "Services that exit are restarted. Ctrl-C stops everything.", flush=True)
+    stop = threading.Event()
 
     def _stop(*_):
-        stop["flag"] = True
+        stop.set()
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    import time
-
     try:
-        while not stop["flag"]:
-            dead = [s for s, ok in stack.alive().items() if not ok]
-            if dead:
-                print(f"service(s) exited: {', '.join(dead)}", file=sys.stderr)
-                for s in dead:
-                    print(stack.log_tail(s), file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        while not stop.wait(0.5):
+            pass
     finally:
         print("stopping ...", flush=True)
         stack.stop()
@@ -158,9 +157,9 @@ def _run(coro) -> int:
     except grpc.aio.AioRpcError as exc:
         from tuneforge.core.errors import field_violations
 
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        for field, description in field_violations(exc):
-            print(f"  {field}: {description}", file=sys.stderr)
+        line = " ".join(str(exc.details() or "").split())
+        extra = [f"{f}: {d}" for f, d in field_violations(exc) if f"{f}: {d}" not in line]
+        print(f"error: {exc.code().name}: {line}" + ("; " + "; ".join(extra) if extra else ""), file=sys.stderr)
         return 1
 
 
@@ -176,6 +175,73 @@ def cmd_workspace_create(args) -> int:
             reply = await clients.job_scheduler.CreateWorkspace(js.CreateWorkspaceRequest(
                 name=args.name, plan=common_pb2.Plan.Value(f"PLAN_{args.plan.upper()}"), owner_email=args.email))
         print(f"workspace {reply.workspace.id} ({args.plan})\nAPI key (shown once): {reply.api_key}")
+        return 0
+
+    return _run(run())
+
+
+def _key_clients(args):
+    """``--workspace``: the administrator token ($TUNEFORGE_ADMIN_TOKEN or the data directory's
+    admin_token file); without it: the workspace's own API key (--api-key / $TUNEFORGE_API_KEY)."""
+    if not args.workspace:
+        return _clients(args)
+    from tuneforge.core.client import Clients
+    from tuneforge.stack import read_stack_file
+
+    token = os.environ.get("TUNEFORGE_ADMIN_TOKEN", "")
+    path = _data_dir(args) / "admin_token"
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    if not token:
+        raise SystemExit(f"error: --workspace needs the administrator token ($TUNEFORGE_ADMIN_TOKEN or {path})")
+    return Clients.connect(read_stack_file(_data_dir(args))["endpoints"], token)
+
+
+def _key_line(key) -> str:
+    created = key.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if key.create_time.seconds else "-"
+    return f"{key.id:<26} {key.prefix or '(unknown)':<14} {created:<20} {key.label}"
+
+
+def cmd_keys_create(args) -> int:
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        async with _key_clients(args) as clients:
+            reply = await clients.job_scheduler.CreateApiKey(
+                js.CreateApiKeyRequest(workspace_id=args.workspace or "", label=args.label or ""))
+        print(f"API key {reply.key.id} ({reply.key.prefix})\nAPI key (shown once): {reply.api_key}")
+        return 0
+
+    return _run(run())
+
+
+def cmd_keys_list(args) -> int:
+    from google.protobuf import json_format
+
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        async with _key_clients(args) as clients:
+            reply = await clients.job_scheduler.ListApiKeys(js.ListApiKeysRequest(workspace_id=args.workspace or ""))
+        if args.json:
+            print(json_format.MessageToJson(reply, indent=2))
+            return 0
+        print(f"{'ID':<26} {'PREFIX':<14} {'CREATED (UTC)':<20} LABEL")
+        for key in reply.keys:
+            print(_key_line(key))
+        return 0
+
+    return _run(run())
+
+
+def cmd_keys_revoke(args) -> int:
+    from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+
+    async def run():
+        async with _key_clients(args) as clients:
+            reply = await clients.job_scheduler.RevokeApiKey(
+                js.RevokeApiKeyRequest(workspace_id=args.workspace or "", key_id=args.key))
+        print(f"revoked {reply.key.id} ({reply.key.prefix or 'no prefix'}): every service refuses it within seconds")
         return 0
 
     return _run(run())
@@ -202,6 +268,11 @@ def cmd_data_import(args) -> int:
             print(f"  line {e.line}: {e.field or '(line)'}: [{e.code}] {e.message}")
         if reply.error_count > len(reply.errors):
             print(f"  ... and {reply.error_count - len(reply.errors)} more errors")
+        if reply.errors:  # counts per code (of the errors reported, the first 1,000)
+            by_code: dict[str, int] = {}
+            for e in reply.errors:
+                by_code[e.code] = by_code.get(e.code, 0) + 1
+            print("errors by code: " + ", ".join(f"{c} {n}" for c, n in sorted(by_code.items(), key=lambda x: -x[1])))
         return 0 if reply.rejected == 0 else 1
 
     return _run(run())
@@ -241,37 +312,92 @@ def cmd_dataset_build(args) -> int:
     return _run(run())
 
 
+class UsageError(Exception):
+    """A bad command-line value: printed as one line (``tuneforge: error: ...``), exit code 2."""
+
+
+def _set_value(key: str, value: str, kind: type):
+    """One ``--set`` value as ``kind`` (int or float), checked against the hyperparameter's range."""
+    from tuneforge.core.hyperparameters import PARAMS_BY_NAME
+
+    text = value.strip()
+    if kind is int:
+        if not re.fullmatch(r"[+-]?[0-9]{1,18}", text):
+            raise UsageError(f"{key} must be an integer")
+        number: int | float = int(text)
+    else:
+        try:
+            number = float(text)
+        except ValueError:
+            raise UsageError(f"{key} must be a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UsageError(f"{key} must be a finite number")
+    param = PARAMS_BY_NAME.get(key)
+    if param is not None:
+        low_ok = number >= param.low if param.low_inclusive else number > param.low
+        high_ok = number <= param.high if param.high_inclusive else number < param.high
+        if not (low_ok and high_ok):
+            raise UsageError(f"{key} must be in {param.range_text()}")
+    return number
+
+
 def _parse_sets(pairs: list[str]):
+    """``--set KEY=VALUE`` pairs → common.v1.Hyperparameters; a bad pair is a UsageError naming it."""
     from tuneforge.api.common.v1 import common_pb2
+    from tuneforge.core.hyperparameters import TRAIN_ON_INPUTS_CHOICES
 
     hp = common_pb2.Hyperparameters()
     for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key == "lora_target_modules":
-            hp.lora_target_modules.extend(v for v in value.split(",") if v)
-            continue
-        field = hp.DESCRIPTOR.fields_by_name.get(key)
-        if field is None:
-            raise SystemExit(f"unknown hyperparameter {key!r}")
-        if field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
-            setattr(hp, key, float(value))
-        elif field.type == field.TYPE_STRING:
-            setattr(hp, key, value)
-        else:
-            setattr(hp, key, int(value))
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        try:
+            if not sep or not key:
+                raise UsageError("expected KEY=VALUE")
+            if not value.strip():
+                raise UsageError(f"{key} needs a value")
+            if key == "lora_target_modules":
+                modules = [v.strip() for v in value.split(",") if v.strip()]
+                if not modules:
+                    raise UsageError("lora_target_modules is a comma-separated list, e.g. q_proj,v_proj")
+                hp.lora_target_modules.extend(modules)
+                continue
+            field = hp.DESCRIPTOR.fields_by_name.get(key)
+            if field is None:
+                known = ", ".join(sorted(hp.DESCRIPTOR.fields_by_name))
+                raise UsageError(f"unknown hyperparameter {key[:40]!r}; known: {known}")
+            if field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+                setattr(hp, key, _set_value(key, value, float))
+            elif field.type == field.TYPE_STRING:
+                if value.strip().lower() not in TRAIN_ON_INPUTS_CHOICES:
+                    raise UsageError(f"{key} must be one of {', '.join(TRAIN_ON_INPUTS_CHOICES)}")
+                setattr(hp, key, value.strip().lower())
+            else:
+                setattr(hp, key, _set_value(key, value, int))
+        except UsageError as exc:
+            raise UsageError(f"--set {_shown(pair)}: {exc}") from None
     return hp
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A command-line value as echoed in an error: one line, shortened."""
+    value = value.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 def _parse_options(pairs: list[str]) -> str:
     """``--option beta=0.2`` → the method options as a JSON object (values read as JSON where
     they parse: numbers, true/false, null; otherwise as strings). The method validates them."""
+    from tuneforge.core.validation import JsonProblem, loads_bounded
+
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--option {_shown(pair)}: expected KEY=VALUE")
         try:
-            options[key.strip()] = json.loads(value)
+            options[key.strip()] = loads_bounded(value)
+        except JsonProblem as exc:  # NaN, 1e999, nesting past 64 levels
+            raise UsageError(f"--option {_shown(pair)}: {exc}") from None
         except ValueError:
             options[key.strip()] = value
     return json.dumps(options) if options else ""
@@ -571,6 +697,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, choices=["starter", "pro", "business", "enterprise"])
     p.add_argument("--email", required=True, help="owner's email")
     p.set_defaults(fn=cmd_workspace_create)
+    keys = ws.add_parser("keys", help="API keys: the workspace's own (--api-key), or any workspace's with "
+                         "--workspace and the administrator token").add_subparsers(dest="keys_sub", required=True)
+    workspace_help = "workspace id: manage its keys with the administrator token (default: the --api-key's own)"
+    p = keys.add_parser("create", help="create an API key (shown once)")
+    p.add_argument("--workspace", help=workspace_help)
+    p.add_argument("--label", help="what the key is for, e.g. ci (at most 100 characters)")
+    p.set_defaults(fn=cmd_keys_create)
+    p = keys.add_parser("list", help="active API keys: id, prefix, creation time, label (never the secret)")
+    p.add_argument("--workspace", help=workspace_help)
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(fn=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke an API key on every service (not the workspace's last one)")
+    p.add_argument("key", help="key id (key_...) or prefix (tfk_ and 8 characters)")
+    p.add_argument("--workspace", help=workspace_help)
+    p.set_defaults(fn=cmd_keys_revoke)
 
     data = sub.add_parser("data", help="training data").add_subparsers(dest="sub", required=True)
     p = data.add_parser("import", help="import a JSONL file of examples")
@@ -621,11 +762,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_HINT = "run with TUNEFORGE_DEBUG=1 for the traceback"
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse's errors (bad choices, missing arguments) as one line, exit code 2, on every
+    subcommand's parser too."""
+
+    def error(message: str):
+        parser.exit(2, f"tuneforge: error: {parser.prog.removeprefix('tuneforge').strip()}"
+                       f"{': ' if parser.prog != 'tuneforge' else ''}{message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _one_line_errors(sub)
+
+
+def _check_arguments(args) -> None:
+    """Values the command would only read after connecting: judged first, so a bad one is a
+    usage error whatever the state of the stack."""
+    client = args.command in ("data", "jobs", "datasets") or getattr(args, "sub", "") in ("catalog", "list", "get", "try")
+    key = args.api_key if args.api_key is not None else (os.environ.get("TUNEFORGE_API_KEY", "") if client else "")
+    if key and not re.fullmatch(r"[\x21-\x7e]{1,512}", key):  # it travels in a gRPC header
+        where = "--api-key" if args.api_key is not None else "$TUNEFORGE_API_KEY"
+        raise UsageError(f"{where}: an API key is printable ASCII without spaces (as `workspaces create` printed it)")
+    if getattr(args, "set", None):
+        _parse_sets(args.set)
+    if getattr(args, "option", None):
+        _parse_options(args.option)
+    if args.command == "data" and getattr(args, "file", None):
+        path = Path(args.file)
+        if not path.is_file():
+            raise UsageError(f"{_shown(args.file)}: {'is a directory' if path.is_dir() else 'no such file'}")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"{_shown(args.file)}: not readable")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.data_dir:
-        os.environ["TUNEFORGE_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    return args.fn(args)
+    parser = build_parser()
+    _one_line_errors(parser)
+    args = parser.parse_args(argv)
+    debug = os.environ.get("TUNEFORGE_DEBUG", "") not in ("", "0")
+    try:
+        if args.data_dir:
+            os.environ["TUNEFORGE_DATA_DIR"] = str(Path(args.data_dir).resolve())
+        _check_arguments(args)
+        return args.fn(args)
+    except UsageError as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a missing stack file, an unreadable folder: the message says it all
+        print(f"tuneforge: error: {_error_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, never a traceback (unless asked for)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"tuneforge: error: {_error_line(exc)}" + ("" if debug else f" ({DEBUG_HINT})"), file=sys.stderr)
+        return 1
+
+
+def _error_line(exc: BaseException) -> str:
+    """An exception as one line: an RPC error as its status code and the server's message; a
+    missing file or an OS error as its own message; anything else with its type."""
+    import grpc
+
+    if isinstance(exc, grpc.aio.AioRpcError) or isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {' '.join(str(exc.details() or '').split())}"
+    if isinstance(exc, OSError):
+        return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def main(data_dir: Path, model_store: Path, keep_running: bool = False,
     kept, dropped = tool_free_examples(EXAMPLES, examples)
     console.print(f"{EXAMPLES.name}: {kept} conversations; {dropped} with tool calls left out "
                   "(SmolLM2 has no tool-call format)")
-    stack = Stack(data_dir, extra_env={"TUNEFORGE_MODEL_STORE": str(model_store)})
+    stack = Stack(data_dir, extra_env={"TUNEFORGE_MODEL_STORE": str(model_store)}, supervise=True)
     stack.start()
     console.print("stack up: nats-server + " + ", ".join(stack.endpoints))
     hyperparameters = common_pb2.Hyperparameters(**DEMO_HYPERPARAMETERS)

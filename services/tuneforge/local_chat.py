@@ -70,6 +70,12 @@ def base_model_dir(model_store: Path, base_model: str) -> Path:
             f"base model {base_model!r} is not in the model store ({path}): put its weights there first "
             f"(`tuneforge models import {base_model} ...`; `make real-model` for smollm2-135m; "
             f"`tuneforge models make-standin {base_model}` for a random stand-in)")
+    from tuneforge.trainer.model_import import UnsafeModelError, check_safe_model_dir
+
+    try:
+        check_safe_model_dir(path)  # safetensors only, no pickle files, no remote code
+    except UnsafeModelError as exc:
+        raise LocalChatError(str(exc)) from None
     return path
 
 
@@ -87,8 +93,9 @@ class LocalChat:
         hf_logging.disable_progress_bar()  # a chat, not a download log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated name
-            self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            self.tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=False,
+                                                        use_safetensors=True)
             self.model = PeftModel.from_pretrained(base, adapter_dir).eval()
         # The registry's serving template renders exactly what training saw; else the tokenizer's.
         self.chat_template = chat_template or None

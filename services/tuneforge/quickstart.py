@@ -156,7 +156,7 @@ def main(data_dir: Path, keep_running: bool = False) -> int:
     spec = get_registry().base_model(BASE_MODEL)
     model_dir = make_standin(spec, data_dir / "models")
     console.print(f"stand-in {spec.display_name} (random weights, not the real model) in {model_dir}")
-    stack = Stack(data_dir)
+    stack = Stack(data_dir, supervise=True)  # a service that dies is restarted, as under `tuneforge up`
     stack.start()
     console.print("stack up: nats-server + " + ", ".join(f"{s} ({t})" for s, t in stack.endpoints.items()))
     view = ProgressView(console)

@@ -11,8 +11,12 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as js_
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as mr_grpc
 from tuneforge.api.notifier.v1 import notifier_service_pb2_grpc as nt_grpc
 from tuneforge.api.trainer.v1 import trainer_service_pb2_grpc as tr_grpc
+from tuneforge.core import telemetry
 
 DEFAULT_TIMEOUT = 30.0
+# A call with a streamed response (WatchJob, downloads) may run long, but never unbounded: this is
+# its deadline unless the caller passes ``timeout=``.
+DEFAULT_STREAM_TIMEOUT = 3600.0
 
 
 class _AuthDeadline:
@@ -28,8 +32,8 @@ class _AuthDeadline:
         if self.token and not any(k == "authorization" for k, _ in metadata):
             metadata.append(("authorization", f"Bearer {self.token}"))
         timeout = details.timeout
-        if timeout is None and not streaming_response:
-            timeout = self.timeout
+        if timeout is None:
+            timeout = DEFAULT_STREAM_TIMEOUT if streaming_response else self.timeout
         return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
 
 
@@ -55,11 +59,14 @@ class _StreamStream(_AuthDeadline, grpc.aio.StreamStreamClientInterceptor):
 
 
 def channel(target: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> grpc.aio.Channel:
-    """A channel that sends ``token`` as a bearer API key and sets a default deadline on unary
-    calls (streams: pass ``timeout=`` per call)."""
+    """A channel that sends ``token`` as a bearer API key and sets a default deadline on every
+    call: ``timeout`` for unary responses, ``DEFAULT_STREAM_TIMEOUT`` for streamed ones (pass
+    ``timeout=`` per call to choose another). Opened by a service that traces, its calls get
+    client spans and carry the trace context in their metadata."""
     return grpc.aio.insecure_channel(
         target,
-        interceptors=[cls(token, timeout) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)],
+        interceptors=[*(cls(token, timeout) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)),
+                      *telemetry.client_interceptors()],
         options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
     )
 

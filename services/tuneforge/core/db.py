@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import sqlite3
+from collections.abc import Sequence
+from types import SimpleNamespace
 
-from sqlalchemy import DateTime, event
+from sqlalchemy import DateTime, Table, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+# A fast read that finds SQLite busy this long gives up and goes through a session instead: it
+# runs on the event loop, which must not stall.
+FAST_READ_BUSY_SECONDS = 0.05
 
 
 def utcnow() -> dt.datetime:
@@ -51,11 +62,63 @@ class Database:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(self.engine, expire_on_commit=False)
+        database = make_url(url).database if url.startswith("sqlite") else None
+        self.sqlite_path: str | None = database if database and database != ":memory:" else None
+        self._reader: sqlite3.Connection | None = None
 
     async def create_all(self, *bases: type[DeclarativeBase]) -> None:
         async with self.engine.begin() as conn:
             for base in bases:
                 await conn.run_sync(base.metadata.create_all)
+                # create_all skips the indexes of tables that exist already: add new ones.
+                for table in base.metadata.sorted_tables:
+                    for index in table.indexes:
+                        await conn.run_sync(lambda sync, index=index: index.create(sync, checkfirst=True))
+
+    def fast_read(self, reader: "TableReader", where: str, params: Sequence = ()) -> list[SimpleNamespace] | None:
+        """Rows of ``reader``'s table matching the SQL ``where`` clause (``?`` parameters), read on
+        the calling thread with the standard ``sqlite3`` module: no thread hop, no session, no ORM.
+        For short reads on a hot path (a point look-up, a page). Each SELECT runs in autocommit and
+        sees the latest commit of every process (WAL). Returns None when there is no fast path (not
+        SQLite) or SQLite stays busy for ``FAST_READ_BUSY_SECONDS``: the caller reads through a
+        session then. Call it from one thread only (the service's event loop)."""
+        if self.sqlite_path is None:
+            return None
+        try:
+            if self._reader is None:
+                conn = sqlite3.connect(self.sqlite_path, timeout=FAST_READ_BUSY_SECONDS, isolation_level=None)
+                conn.execute("PRAGMA query_only=ON")
+                self._reader = conn
+            rows = self._reader.execute(f"{reader.select} WHERE {where}", params).fetchall()
+        except sqlite3.OperationalError as exc:  # busy, or the schema is not there yet
+            log.debug("fast read of %s fell back to a session: %s", reader.table.name, exc)
+            return None
+        return [reader.convert(row) for row in rows]
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         await self.engine.dispose()
+
+
+class TableReader:
+    """A table's SELECT for :meth:`Database.fast_read`; rows come back as attribute objects with
+    the values the ORM would give (the columns' own result processors for the SQLite dialect)."""
+
+    def __init__(self, table: Table):
+        from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+        dialect = SQLiteDialect_pysqlite()
+        self.table = table
+        self.columns = tuple(c.key for c in table.columns)
+        self.select = f"SELECT {', '.join(c.name for c in table.columns)} FROM {table.name}"
+        self._processors = tuple((i, p) for i, c in enumerate(table.columns)
+                                 if (p := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None)
+
+    def convert(self, row: tuple) -> SimpleNamespace:
+        if self._processors:
+            row = list(row)
+            for i, process in self._processors:
+                row[i] = process(row[i])
+        return SimpleNamespace(**dict(zip(self.columns, row)))

@@ -10,6 +10,14 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+MAX_MESSAGE = 2000  # characters of a status message
+MAX_VIOLATIONS = 50  # field violations sent back
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ServiceError(Exception):
     """Raised inside a servicer; the server turns it into a gRPC status with details."""
 
@@ -20,14 +28,16 @@ class ServiceError(Exception):
         self.violations = list(violations)
 
     def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        """The status, bounded: the message and details travel in HTTP/2 trailers, where a
+        message quoting a multi-megabyte request field would break the call itself."""
+        status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE))
         if self.violations:
             detail = any_pb2.Any()
             detail.Pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                        for f, d in self.violations
+                        error_details_pb2.BadRequest.FieldViolation(field=_clip(f, 200), description=_clip(d, 500))
+                        for f, d in self.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 import grpc
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 _current_workspace: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar(
     "tuneforge_workspace", default=None
 )
+_caller_is_admin: contextvars.ContextVar[bool] = contextvars.ContextVar("tuneforge_admin", default=False)
+
+# Calls one server runs at once (see create_server); a service at this many is overloaded, and a
+# quick RESOURCE_EXHAUSTED serves a client better than a queue that outlives its deadline.
+MAX_CONCURRENT_RPCS = 2000
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -29,6 +35,11 @@ def current_workspace() -> Workspace:
     if ws is None:
         raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "no workspace for this call")
     return ws
+
+
+def caller_is_admin() -> bool:
+    """True when the call carries the administrator token (set by the auth interceptor)."""
+    return _caller_is_admin.get()
 
 
 def _bearer(details: grpc.HandlerCallDetails) -> str:
@@ -43,32 +54,92 @@ async def _abort_for(error: ServiceError, context: grpc.aio.ServicerContext) -> 
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, workspace: Workspace | None) -> grpc.RpcMethodHandler:
-    """Run the handler with the caller's workspace set and ServiceError mapped to a status."""
+class _Undecodable:
+    """Stands in for a request whose bytes are not the RPC's message (grpc would answer INTERNAL)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _undecodable_error() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                        "the request could not be decoded as this RPC's message (malformed protobuf, or a "
+                        "string field that is not UTF-8)")
+
+
+async def _decoded(requests):
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _undecodable_error()
+        yield request
+
+
+async def _abort_unexpected(context: grpc.aio.ServicerContext) -> None:
+    """The last resort for a bug: logged with a reference, answered INTERNAL (never UNKNOWN, never
+    the exception's text). Requests are validated first; this is not how bad input is handled."""
+    ref = uuid.uuid4().hex[:12]
+    log.exception("unexpected error in an RPC handler (ref %s)", ref)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the service has logged it")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, workspace: Workspace | None, admin: bool = False) -> grpc.RpcMethodHandler:
+    """Run the handler with the caller's workspace (or administrator) set and ServiceError mapped
+    to a status; an undecodable request is INVALID_ARGUMENT, an unexpected exception INTERNAL."""
+    streamed_requests = bool(handler.request_streaming)
+
+    def _request(request):
+        if streamed_requests:
+            return _decoded(request)
+        if isinstance(request, _Undecodable):
+            raise _undecodable_error()
+        return request
 
     def unary(fn: Callable):
         async def behaviour(request, context):
             _current_workspace.set(workspace)
+            _caller_is_admin.set(admin)
             try:
-                return await fn(request, context)
+                return await fn(_request(request), context)
             except ServiceError as error:
                 await _abort_for(error, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await _abort_unexpected(context)
 
         return behaviour
 
     def streaming(fn: Callable):
         async def behaviour(request, context):
             _current_workspace.set(workspace)
+            _caller_is_admin.set(admin)
             try:
-                async for item in fn(request, context):
+                async for item in fn(_request(request), context):
                     yield item
             except ServiceError as error:
                 await _abort_for(error, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await _abort_unexpected(context)
 
         return behaviour
 
     kwargs = dict(
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
     if handler.unary_unary:
@@ -89,7 +160,7 @@ def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: s
         yield  # pragma: no cover
 
     kwargs = dict(
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_lenient(handler.request_deserializer),  # refused either way, never INTERNAL
         response_serializer=handler.response_serializer,
     )
     if handler.unary_unary:
@@ -102,27 +173,38 @@ def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: s
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC but health and reflection needs a workspace API key (or the admin token)."""
+    """Every RPC but health and reflection needs a workspace API key (or the admin token).
 
-    def __init__(self, directory: WorkspaceDirectory, admin_token: str | None, admin_methods: Iterable[str] = ()):
+    * ``admin_methods``: the administrator token only; a valid workspace key is PERMISSION_DENIED.
+    * ``admin_or_workspace_methods``: either; the handler sees ``caller_is_admin()`` or a workspace.
+    * every other method: a workspace API key only.
+    No credentials, or credentials that are neither (unknown, revoked), are UNAUTHENTICATED."""
+
+    def __init__(self, directory: WorkspaceDirectory, admin_token: str | None, admin_methods: Iterable[str] = (),
+                 admin_or_workspace_methods: Iterable[str] = ()):
         self.directory = directory
         self.admin_token = admin_token
         self.admin_methods = frozenset(admin_methods)
+        self.admin_or_workspace_methods = frozenset(admin_or_workspace_methods)
+
+    def _is_admin_token(self, token: str) -> bool:
+        return bool(self.admin_token and token and hmac.compare_digest(token.encode(), self.admin_token.encode()))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(PUBLIC_PREFIXES):
             return handler
         token = _bearer(details)
-        if details.method in self.admin_methods:
-            if self.admin_token and token and hmac.compare_digest(token, self.admin_token):
-                return _wrap(handler, None)
-            return _rejecting(handler, grpc.StatusCode.PERMISSION_DENIED, "administrator token required")
         if not token:
             return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "missing API key (authorization: Bearer <key>)")
+        if details.method in self.admin_methods or details.method in self.admin_or_workspace_methods:
+            if self._is_admin_token(token):
+                return _wrap(handler, None, admin=True)
         workspace = await self.directory.authenticate(token)
         if workspace is None:
             return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked API key")
+        if details.method in self.admin_methods:
+            return _rejecting(handler, grpc.StatusCode.PERMISSION_DENIED, "administrator token required")
         return _wrap(handler, workspace)
 
 
@@ -133,16 +215,23 @@ async def create_server(
     services: Sequence[tuple[Callable, object, str]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int = 8 * 1024 * 1024,
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a grpc.aio server with the given ``(add_fn, servicer, full_service_name)`` entries,
     health checking and reflection; bind ``host:port`` (0 = any free port) and start it.
-    Returns the server, the bound port and the health servicer (set NOT_SERVING on shutdown)."""
+    Returns the server, the bound port and the health servicer (set NOT_SERVING on shutdown).
+
+    At most ``max_concurrent_rpcs`` calls (streams included) run at once; beyond that grpc answers
+    RESOURCE_EXHAUSTED at once instead of queueing without bound. ``grpc.so_reuseport`` (on by
+    default on Linux, set explicitly here) lets several replicas of a service bind one port."""
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1),
         ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -95,6 +95,17 @@ class NatsServerProcess:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def poll(self) -> int | None:
+        """The exit status of a server that died on its own (e.g. ``kill -9``: -9), else None
+        (running, or stopped by :meth:`stop`, which forgets the process)."""
+        return self._process.poll() if self._process is not None else None
+
+    def restart(self, timeout: float = 10.0) -> NatsServerProcess:
+        """Start again on the same ports with the same JetStream store (what was persisted there
+        before the server died is recovered by the server itself)."""
+        self.stop(timeout=timeout)
+        return self.start(timeout=timeout)
+
     def command(self) -> list[str]:
         cmd = [
             find_nats_server_binary(), "-js",

@@ -8,12 +8,13 @@ import asyncio
 import datetime as dt
 import logging
 
-from google.protobuf.message import Message
-from sqlalchemy import Integer, LargeBinary, String, delete, select
+import nats.errors
+from google.protobuf.message import DecodeError, Message
+from sqlalchemy import Integer, LargeBinary, String, delete, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from tuneforge.core import subjects
+from tuneforge.core import subjects, telemetry
 from tuneforge.core.bus import Bus
 from tuneforge.core.db import Database, UTCDateTime, utcnow
 
@@ -31,6 +32,41 @@ class OutboxRow(OutboxBase):
     subject: Mapped[str] = mapped_column(String(128))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The trace context of the span that queued the event (telemetry.trace_carrier): the relay's
+    # publish continues that trace. NULL when not tracing.
+    trace_context: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+
+class OutboxDeadRow(OutboxBase):
+    """An event the relay can never publish (too large for NATS, unknown subject, undecodable):
+    set aside with the reason so that the events queued after it still go out."""
+
+    __tablename__ = "event_outbox_dead"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(String(2000))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    set_aside_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+UNPUBLISHABLE = (nats.errors.MaxPayloadError, KeyError, DecodeError, TypeError)
+
+
+async def upgrade_outbox_schema(db: Database) -> None:
+    """Add ``trace_context`` to an outbox table created before it existed."""
+    def missing(conn) -> bool:
+        return "trace_context" not in {c["name"] for c in inspect(conn).get_columns(OutboxRow.__tablename__)}
+
+    try:
+        async with db.engine.begin() as conn:
+            if await conn.run_sync(missing):
+                await conn.execute(text(f"ALTER TABLE {OutboxRow.__tablename__} ADD COLUMN trace_context VARCHAR(1024)"))
+    except Exception:  # a replica of the service added it at the same moment?
+        async with db.engine.connect() as conn:
+            if await conn.run_sync(missing):
+                raise
 
 
 class Outbox:
@@ -43,7 +79,8 @@ class Outbox:
         """Queue an event inside the caller's transaction."""
         if not isinstance(message, subjects.MESSAGE_TYPES[subject]):
             raise TypeError(f"{subject} carries {subjects.MESSAGE_TYPES[subject].__name__}")
-        session.add(OutboxRow(subject=subject, payload=message.SerializeToString()))
+        session.add(OutboxRow(subject=subject, payload=message.SerializeToString(),
+                              trace_context=telemetry.trace_carrier()))
 
     def notify(self) -> None:
         """Call after the transaction committed: the relay publishes at once."""
@@ -57,11 +94,24 @@ class Outbox:
             if not rows:
                 return sent
             for row in rows:
-                message = subjects.MESSAGE_TYPES[row.subject].FromString(row.payload)
-                await self.bus.publish(row.subject, message)
+                try:
+                    message = subjects.MESSAGE_TYPES[row.subject].FromString(row.payload)
+                    with telemetry.continued_trace(row.trace_context):
+                        await self.bus.publish(row.subject, message)
+                except UNPUBLISHABLE as exc:  # would block every later event forever: set it aside
+                    await self._set_aside(row, f"{type(exc).__name__}: {exc}")
+                    continue
                 async with self.db.session() as session, session.begin():
                     await session.execute(delete(OutboxRow).where(OutboxRow.id == row.id))
                 sent += 1
+
+    async def _set_aside(self, row: OutboxRow, error: str) -> None:
+        log.error("outbox event %s on %s can never be published (%s); kept in %s", row.id, row.subject, error,
+                  OutboxDeadRow.__tablename__)
+        async with self.db.session() as session, session.begin():
+            session.add(OutboxDeadRow(subject=row.subject, payload=row.payload, error=error[:2000],
+                                      created_at=row.created_at))
+            await session.execute(delete(OutboxRow).where(OutboxRow.id == row.id))
 
     async def relay(self, interval: float = 1.0) -> None:
         """Publish pending events forever (wakes on ``notify`` or every ``interval`` seconds)."""
@@ -70,8 +120,8 @@ class Outbox:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay failed; retrying")
+            except Exception as exc:  # NATS away, the database busy: everything stays queued
+                log.warning("outbox relay failed (%s: %s); retrying", type(exc).__name__, exc)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
             except asyncio.TimeoutError:

@@ -31,7 +31,8 @@ class Page:
         """From a request's ``page_size`` / ``page_token`` (an offset; a bad token starts over)."""
         size = min(max(request.page_size or default, 1), maximum)
         token = request.page_token
-        return cls(offset=int(token) if token.isdigit() else 0, size=size)
+        ok = token.isascii() and token.isdigit() and len(token) <= 12  # "²".isdigit(); SQLite's 64 bits
+        return cls(offset=int(token) if ok else 0, size=size)
 
     def next_token(self, rows_fetched: int) -> str:
         """Fetch ``size + 1`` rows; a next page exists when more than ``size`` came back."""

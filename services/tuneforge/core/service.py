@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 import grpc
 from sqlalchemy.orm import DeclarativeBase
 
-from tuneforge.core import subjects
-from tuneforge.core.bus import Bus
+from tuneforge.core import subjects, telemetry
+from tuneforge.core.bus import Bus, RedeliveryPolicy
 from tuneforge.core.db import Database
-from tuneforge.core.outbox import Outbox, OutboxBase
+from tuneforge.core.outbox import Outbox, OutboxBase, upgrade_outbox_schema
 from tuneforge.core.grpc_server import AuthInterceptor, create_server, stop_server
 from tuneforge.core.settings import Settings, service_key
 from tuneforge.core.workspaces import DirectoryBase, WorkspaceDirectory
@@ -29,6 +29,7 @@ class BaseService(abc.ABC):
     name: str = ""
     tables: Sequence[type[DeclarativeBase]] = ()
     admin_methods: Sequence[str] = ()
+    admin_or_workspace_methods: Sequence[str] = ()  # the administrator token or a workspace key
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -54,8 +55,16 @@ class BaseService(abc.ABC):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, port: int | None = None) -> int:
+        if telemetry.current_service() != self.name:
+            # Start in a context naming this service: its server's RPCs, its consumers and its
+            # background tasks inherit it (which tracer, which service in the logs).
+            return await asyncio.create_task(self.start(port), context=telemetry.service_context(self.name))
+        telemetry.setup_tracing(self.name, self.settings.otel_exporter)
         await self.db.create_all(DirectoryBase, OutboxBase, *self.tables)
-        self.bus = await Bus.connect(self.settings.nats_url, self.name)
+        await upgrade_outbox_schema(self.db)
+        self.bus = await Bus.connect(
+            self.settings.nats_url, self.name, redelivery=RedeliveryPolicy.from_settings(self.settings)
+        )
         self.outbox = Outbox(self.db, self.bus)
         self.spawn(self.outbox.relay(), f"{self.name}-outbox")
         await self.bus.consume(
@@ -64,12 +73,13 @@ class BaseService(abc.ABC):
             lambda _s, update, _m: self.directory.apply(update),
         )
         await self.on_start()
-        interceptor = AuthInterceptor(self.directory, self.settings.admin_token, self.admin_methods)
+        interceptor = AuthInterceptor(self.directory, self.settings.admin_token, self.admin_methods,
+                                      self.admin_or_workspace_methods)
         self.server, self.port, self._health = await create_server(
             host=self.settings.host,
             port=self.settings.port(self.name) if port is None else port,
             services=self.grpc_services(),
-            interceptors=[interceptor],
+            interceptors=[*telemetry.server_interceptors(self.name), interceptor],
             max_message_bytes=self.settings.max_message_bytes,
         )
         log.info("%s serving on %s:%s", self.name, self.settings.host, self.port)
@@ -100,12 +110,15 @@ class BaseService(abc.ABC):
         if self.bus is not None:
             await self.bus.close()
         await self.db.close()
+        telemetry.shutdown_tracing(self.name)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "text", service: str = "") -> None:
+    """Root logging to stderr: the classic text lines, or (``log_format="json"``) one JSON object
+    per line with the service, job and workspace ids and the trace (``telemetry.JsonFormatter``)."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[telemetry.log_handler(log_format, service)],
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
 

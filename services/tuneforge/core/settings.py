@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,8 +63,20 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(None, description="Trainer worker id; default host-pid.")
     training_heartbeat_seconds: float = 5.0
     training_ack_wait_seconds: float = 60.0
+    # The one bounded-redelivery rule of every event consumer (core.bus.RedeliveryPolicy): a
+    # failing handler is retried with back-off base * 2^(n-1) s (capped), and dead-lettered when
+    # it fails on delivery event_max_deliver.
+    event_max_deliver: int = Field(5, ge=1, le=100, description="Deliveries of an event before it is dead-lettered.")
+    event_retry_base_seconds: float = Field(0.5, ge=0, description="First redelivery back-off.")
+    event_retry_max_seconds: float = Field(30.0, ge=0, description="Longest redelivery back-off.")
+    event_ack_wait_seconds: float = Field(
+        30.0, gt=0, description="An event held by a process that died is redelivered after this long.")
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: classic lines; json: one JSON object per line (service, job and workspace ids, trace).")
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        "none", description="Where OpenTelemetry spans go: nowhere, stdout, or OTLP/gRPC at OTEL_EXPORTER_OTLP_ENDPOINT.")
 
     def port(self, service: str) -> int:
         return getattr(self, f"{service_key(service)}_port")

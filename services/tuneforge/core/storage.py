@@ -1,6 +1,8 @@
 """Artifact storage behind fsspec: a local directory by default, any fsspec URL (s3://…) in production.
 
-Keys are built by the services from ids, never from user strings, and are checked here again.
+Keys are built by the services from ids, never from user strings, and are checked here again:
+every segment is a plain name (letters, digits, '.', '_', '-', not starting with a dot), so no
+key can hold '..', an absolute or drive path, a backslash, a percent escape, NUL or a newline.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import fsspec
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let "x\n" through
+MAX_KEY = 1024
 
 
 class StorageKeyError(ValueError):
@@ -21,10 +24,21 @@ class StorageKeyError(ValueError):
 
 
 def check_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise StorageKeyError(f"invalid artifact key {str(key)[:80]!r}")
     parts = key.split("/")
-    if not parts or any(not _SEGMENT.match(p) or p in (".", "..") for p in parts):
-        raise StorageKeyError(f"invalid artifact key {key!r}")
+    if any(not _SEGMENT.fullmatch(p) or p in (".", "..") for p in parts):
+        raise StorageKeyError(f"invalid artifact key {key[:200]!r}")
     return key
+
+
+def artifact_key(*segments: str) -> str:
+    """A key from server-made parts (ids, fixed names); each part must be one segment, so a part
+    that smuggles a '/' or '..' is refused instead of joined."""
+    for segment in segments:
+        if "/" in segment or not _SEGMENT.fullmatch(segment):
+            raise StorageKeyError(f"invalid artifact key segment {segment[:80]!r}")
+    return "/".join(segments)
 
 
 

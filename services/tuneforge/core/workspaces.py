@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+import time
 
 from sqlalchemy import ForeignKey, Integer, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -18,6 +19,10 @@ from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core.db import Database
 
 API_KEY_PREFIX = "tfk_"
+# How long an authenticated key is trusted without looking at the database again. Updates that
+# this process applies clear its cache at once; the bound is for updates applied by another
+# process sharing the database (a replica of the same service).
+AUTH_CACHE_SECONDS = 5.0
 
 
 def hash_api_key(api_key: str) -> str:
@@ -66,7 +71,12 @@ class Workspace:
 class WorkspaceDirectory:
     def __init__(self, db: Database):
         self.db = db
+        # key hash -> workspace, for keys that authenticated; cleared per workspace on every applied
+        # update (a revoked key, a plan change). ``_generation`` counts applied updates so that a
+        # look-up that read the database before an update cannot cache what the update removed.
         self._by_key: dict[str, Workspace] = {}
+        self._trusted_until: dict[str, float] = {}  # key hash -> time.monotonic() to re-check at
+        self._generation = 0
 
     async def apply(self, update: ev.WorkspaceUpdated) -> bool:
         """Store a workspace update unless a newer revision is already stored. Idempotent."""
@@ -85,6 +95,7 @@ class WorkspaceDirectory:
             await session.execute(delete(ApiKeyRow).where(ApiKeyRow.workspace_id == update.workspace_id))
             for key_hash in dict.fromkeys(update.api_key_hashes):
                 session.add(ApiKeyRow(key_hash=key_hash, workspace_id=update.workspace_id))
+        self._generation += 1
         self._by_key = {h: w for h, w in self._by_key.items() if w.id != update.workspace_id}
         return True
 
@@ -93,8 +104,9 @@ class WorkspaceDirectory:
             return None
         key_hash = hash_api_key(api_key)
         cached = self._by_key.get(key_hash)
-        if cached:
+        if cached and time.monotonic() < self._trusted_until.get(key_hash, 0.0):
             return cached
+        generation = self._generation
         async with self.db.session() as session:
             row = (
                 await session.execute(
@@ -104,7 +116,11 @@ class WorkspaceDirectory:
         if row is None:
             return None
         ws = _to_workspace(row)
-        self._by_key[key_hash] = ws
+        if generation == self._generation:  # no update applied meanwhile: the row is current
+            self._by_key[key_hash] = ws
+            if len(self._trusted_until) > 4 * len(self._by_key) + 1024:  # bounded: drop expired entries
+                self._trusted_until = {h: t for h, t in self._trusted_until.items() if h in self._by_key}
+            self._trusted_until[key_hash] = time.monotonic() + AUTH_CACHE_SECONDS
         return ws
 
 

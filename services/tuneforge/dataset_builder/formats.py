@@ -9,8 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import re
 import threading
 from typing import Any
+
+from tuneforge.core.validation import MAX_JSON_DEPTH, JsonProblem, json_depth, safe_json_kwargs
+
+log = logging.getLogger(__name__)
 
 FORMAT_CONVERSATION = "conversation"
 FORMAT_INSTRUCTION = "instruction"
@@ -88,24 +94,59 @@ def _find_duplicate(value: Any, path: str = "") -> str | None:
     return None
 
 
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 _seen_duplicate = threading.local()  # set by _pairs_hook when an object repeats a key
-_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=_no_constants)
+# NaN/Infinity, floats beyond a double (1e999) and integers of over 100 digits raise JsonProblem.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, **safe_json_kwargs())
+
+
+def _decode(text: str) -> Any:
+    if json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:  # checked before the recursive decoder runs
+        raise JsonProblem("too_deep", f"arrays/objects nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise JsonProblem("too_deep", f"arrays/objects nested more than {MAX_JSON_DEPTH} levels deep") from None
 
 
 def loads(text: str) -> Any:
-    """Strict JSON: no NaN/Infinity; objects with a repeated key come back as _DupDict."""
-    return _DECODER.decode(text)
+    """Strict JSON: no NaN/Infinity, no number beyond a double or over 100 digits, at most 64
+    levels deep (JsonProblem, a ValueError, says which); objects with a repeated key come back
+    as _DupDict."""
+    return _decode(text)
 
 
 def loads_flagged(text: str) -> tuple[Any, bool]:
     """``loads`` and whether any object had a repeated key (so the tree walk is only needed then)."""
     _seen_duplicate.flag = False
-    obj = _DECODER.decode(text)
+    obj = _decode(text)
     return obj, _seen_duplicate.flag
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+BOM = b"\xef\xbb\xbf"
+
+
+def _strings(value: Any):
+    """Every key and string in a decoded value, walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded value holds a lone surrogate (``"\\ud800"`` decodes but is no text)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def canonical(body: dict[str, Any]) -> str:
@@ -128,8 +169,16 @@ def detect_format(obj: dict[str, Any]) -> str | None:
     return None
 
 
+MAX_ERROR_FIELD = 200  # a field path or message quotes user keys and values: shortened, so that
+MAX_ERROR_MESSAGE = 500  # a thousand reported errors stay far below the response size limit
+
+
 class _Errors(list):
     def add(self, line: int, field: str, code: str, message: str) -> None:
+        if len(field) > MAX_ERROR_FIELD:
+            field = field[: MAX_ERROR_FIELD - 1] + "…"
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 1] + "…"
         self.append(LineError(line, field, code, message))
 
 
@@ -234,7 +283,7 @@ def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Er
                                    'a tool call is {"id", "type": "function", "function": {"name", "arguments"}}')
                         continue
                     name = fn.get("name")
-                    if not tool_names or name not in tool_names:
+                    if not tool_names or not isinstance(name, str) or name not in tool_names:
                         errors.add(line, f"{cpath}.function.name", "unknown_tool",
                                    f"tool call names {name!r}, which is not declared in tools")
                     args = fn.get("arguments")
@@ -261,7 +310,7 @@ def _check_messages(messages: Any, tools: Any, line: int, path: str, errors: _Er
                 errors.add(line, f"{mpath}.reasoning", "content_not_string", "reasoning must be a string")
         if role == "tool":
             call_id = msg.get("tool_call_id")
-            if call_id not in open_calls:
+            if not isinstance(call_id, str) or call_id not in open_calls:
                 errors.add(line, f"{mpath}.tool_call_id", "orphan_tool_message",
                            f"tool message answers {call_id!r}, which no earlier assistant tool call made")
         text = _content_text(content, line, f"{mpath}.content", errors)
@@ -351,8 +400,20 @@ def universal(fmt: str, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tuple[ParsedExample | None, list[LineError]]:
-    """Validate one JSONL line. Returns the example or the errors (never both)."""
+    """Validate one JSONL line. Returns the example or the errors (never both), and never raises:
+    whatever the bytes, the line gets a verdict and the other lines are judged on their own."""
+    try:
+        return _parse_line(raw, line, extra_topics)
+    except Exception as exc:  # a bug, never a user's fault: the line is refused, the import goes on
+        log.exception("line %d could not be validated", line)
+        return None, [LineError(line, "", "unreadable_line",
+                                f"this line could not be validated ({type(exc).__name__}); it was skipped")]
+
+
+def _parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...]) -> tuple[ParsedExample | None, list[LineError]]:
     errors = _Errors()
+    if raw.startswith(BOM):  # a byte-order mark, also where files were concatenated
+        raw = raw[3:]
     if len(raw) > MAX_LINE_BYTES:
         errors.add(line, "", "line_too_long", f"line is longer than the limit of {MAX_LINE_BYTES} bytes (at least {len(raw)}); "
                    "split the example or shorten it")
@@ -362,11 +423,26 @@ def parse_line(raw: bytes, line: int, extra_topics: tuple[str, ...] = ()) -> tup
     except UnicodeDecodeError as exc:
         errors.add(line, "", "not_utf8", f"line is not valid UTF-8 (byte {exc.start}); save the file as UTF-8")
         return None, errors
+    if "\x00" in text:
+        errors.add(line, "", "nul_byte", "line contains a NUL byte (0x00); is this a binary file?")
+        return None, errors
     try:
         obj, has_duplicate = loads_flagged(text)
+    except JsonProblem as exc:
+        errors.add(line, "", exc.code, f"{exc}; each line must be plain JSON text")
+        return None, errors
     except ValueError as exc:
         errors.add(line, "", "invalid_json", f"not valid JSON: {exc}")
         return None, errors
+    if "\\u" in text:  # only escapes can smuggle a NUL or a lone surrogate into decoded strings
+        if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+            errors.add(line, "", "invalid_unicode",
+                       "line contains a lone UTF-16 surrogate escape (such as \\ud800), which is not text; "
+                       "escape characters as pairs or write them as UTF-8")
+            return None, errors
+        if "\\u0000" in text and any("\x00" in s for s in _strings(obj)):
+            errors.add(line, "", "nul_byte", "line contains a NUL character (\\u0000), which is not text")
+            return None, errors
     duplicate = _find_duplicate(obj) if has_duplicate else None
     if duplicate:
         key = duplicate.rsplit(".", 1)[-1]

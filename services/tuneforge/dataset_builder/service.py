@@ -17,12 +17,14 @@ from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as pb
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2_grpc as pb_grpc
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core import capabilities, subjects
+from tuneforge.core.bus import derived_event_id
 from tuneforge.core.db import utcnow
 from tuneforge.core.hyperparameters import TRAIN_ON_INPUTS_CHOICES
 from tuneforge.core.gcpause import gc_paused
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, file_chunks, timestamp
+from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.core.workspaces import Workspace, WorkspaceRow
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DatasetBuilderService"].full_name
 MAX_REPORTED_ERRORS = 1000
 MAX_IMPORT_BYTES = 1024 * 2**20
-BUILD_ATTEMPTS = 5  # then the job fails as a system error instead of waiting forever
 
 
 
@@ -53,9 +54,14 @@ class DatasetBuilder(BaseService):
         return [(pb_grpc.add_DatasetBuilderServiceServicer_to_server, DatasetBuilderServicer(self), SERVICE_NAME)]
 
     async def on_start(self) -> None:
-        await self.bus.consume("dataset-builder", [subjects.DATASET_BUILD_REQUESTED], self.on_build_requested)
+        await self.bus.consume("dataset-builder", [subjects.DATASET_BUILD_REQUESTED], self.on_build_requested,
+                               on_dead_letter=self.on_build_given_up)
 
     async def on_build_requested(self, _subject, event: ev.DatasetBuildRequested, msg) -> None:
+        """Build (or find: snapshots are content-addressed) the job's dataset and announce it. The
+        result event's id derives from the request's, so a redelivered request that is built again
+        publishes the same ``Nats-Msg-Id`` and JetStream keeps one result. A build that keeps
+        failing is redelivered with back-off and then given up (``on_build_given_up``)."""
         meta = event.meta
         try:
             summary, _files = await self.build(
@@ -66,27 +72,31 @@ class DatasetBuilder(BaseService):
             )
         except ServiceError as exc:
             failed = ev.DatasetBuildFailed(
-                meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                meta=self._result_meta(meta, subjects.DATASET_BUILD_FAILED),
                 reason=exc.message,
                 failure_kind=common_pb2.FAILURE_KIND_USER,
             )
             await self.emit(subjects.DATASET_BUILD_FAILED, failed)
             return
-        except Exception as exc:
-            delivered = msg.metadata.num_delivered if msg.metadata else 1
-            if delivered < BUILD_ATTEMPTS:
-                raise  # redelivered with back-off
-            log.exception("dataset build for job %s failed %d times; giving up", meta.job_id, delivered)
-            await self.emit(subjects.DATASET_BUILD_FAILED, ev.DatasetBuildFailed(
-                meta=self.bus.meta(meta.workspace_id, meta.job_id),
-                reason=f"the dataset could not be built after {delivered} attempts: {type(exc).__name__}: {exc}",
-                failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
-            ))
-            return
         await self.emit(
             subjects.DATASET_BUILD_SUCCEEDED,
-            ev.DatasetBuildSucceeded(meta=self.bus.meta(meta.workspace_id, meta.job_id), dataset=summary),
+            ev.DatasetBuildSucceeded(meta=self._result_meta(meta, subjects.DATASET_BUILD_SUCCEEDED), dataset=summary),
         )
+
+    async def on_build_given_up(self, _subject, event: ev.DatasetBuildRequested | None, error: str) -> None:
+        """The build failed on every delivery (core.bus.RedeliveryPolicy): the job fails as a
+        system error instead of waiting forever."""
+        if event is None:
+            return
+        meta = event.meta
+        await self.emit(subjects.DATASET_BUILD_FAILED, ev.DatasetBuildFailed(
+            meta=self._result_meta(meta, subjects.DATASET_BUILD_FAILED),
+            reason=f"the dataset could not be built after {self.bus.redelivery.max_deliver} attempts: {error}",
+            failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
+        ))
+
+    def _result_meta(self, cause: ev.EventMeta, subject: str) -> ev.EventMeta:
+        return self.bus.meta(cause.workspace_id, cause.job_id, event_id=derived_event_id(cause.event_id, subject))
 
     async def load_examples(self, workspace_id: str) -> list[builder.StoredExample]:
         async with self.db.session() as session:
@@ -281,6 +291,8 @@ class _ImportParser:
         self._line_no += 1
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        if raw.startswith(formats.BOM):  # a UTF-8 byte-order mark, as some editors write (also where
+            raw = raw[3:]  # files were concatenated; whatever the chunking)
         if not raw.strip():
             return
         self.lines_read += 1
@@ -295,8 +307,6 @@ class _ImportParser:
             self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> None:
-        if self._line_no == 0 and not self._buffer and chunk.startswith(b"\xef\xbb\xbf"):
-            chunk = chunk[3:]  # a UTF-8 byte-order mark, as some editors write
         if self._skipping:  # the rest of an over-long line
             end = chunk.find(b"\n")
             if end < 0:
@@ -330,10 +340,11 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
         async for request in request_iterator:
             if parser is None:
                 options = request.options
-                bad = [i for i, t in enumerate(options.topics) if not t.strip() or len(t) > 100]
-                if bad:
-                    raise bad_request("invalid topics",
-                                      [(f"options.topics[{i}]", "a topic is 1-100 characters") for i in bad])
+                val.check("invalid import options",
+                          lambda v: val.topics(v, "options.topics", options.topics),
+                          lambda v: val.text(v, "options.source_name", options.source_name,
+                                             max_len=val.MAX_SOURCE_NAME),
+                          lambda v: val.enum(v, "options.mode", options.mode, pb.ImportMode))
                 parser = _ImportParser(options)
             received += len(request.chunk)
             if received > MAX_IMPORT_BYTES:
@@ -434,6 +445,8 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
         Filtered and de-duplicated as a build is (content hashes are unique per workspace); only
         the examples whose canonical JSON holds a candidate substring are parsed to confirm."""
         workspace = current_workspace()
+        val.check("invalid request", lambda v: val.topics(v, "topics", request.topics),
+                  lambda v: val.keyword(v, "dataset_kind", request.dataset_kind))
         kinds = sorted(set(formats.KIND_OF_FORMAT.values()))
         if request.dataset_kind and request.dataset_kind not in kinds:
             raise bad_request("invalid dataset kind",
@@ -460,6 +473,8 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
 
     async def ListExamples(self, request, context):
         workspace = current_workspace()
+        val.check("invalid request", lambda v: val.page(v, request),
+                  lambda v: request.topic == "" or val.topic(v, "topic", request.topic))
         page = Page.of(request, default=100, maximum=1000)
         size, offset = page.size, page.offset
         async with self.app.db.session() as session:
@@ -490,6 +505,10 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
 
     async def DeleteExamples(self, request, context):
         workspace = current_workspace()
+        val.check("invalid request",
+                  lambda v: val.repeated(v, "example_ids", request.example_ids, max_items=val.MAX_IDS,
+                                         each=val.identifier),
+                  lambda v: val.topics(v, "topics", request.topics))
         if not request.example_ids and not request.topics:
             raise bad_request("nothing to delete", [("example_ids", "give example ids or topics")])
         async with self.app.db.session() as session, session.begin():
@@ -503,15 +522,25 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
                 ids.update(r for (r,) in rows)
             if not ids:
                 return pb.DeleteExamplesResponse(deleted=0)
-            owned = [r for (r,) in await session.execute(
-                select(ExampleRow.id).where(ExampleRow.workspace_id == workspace.id, ExampleRow.id.in_(list(ids)))
-            )]
-            await session.execute(delete(ExampleTopicRow).where(ExampleTopicRow.example_id.in_(owned)))
-            await session.execute(delete(ExampleRow).where(ExampleRow.id.in_(owned)))
+            wanted, owned = sorted(ids), []
+            for i in range(0, len(wanted), 900):  # a big topic: SQLite takes at most 32,766 variables
+                owned += [r for (r,) in await session.execute(select(ExampleRow.id).where(
+                    ExampleRow.workspace_id == workspace.id, ExampleRow.id.in_(wanted[i:i + 900])))]
+            for i in range(0, len(owned), 900):
+                await session.execute(delete(ExampleTopicRow).where(ExampleTopicRow.example_id.in_(owned[i:i + 900])))
+                await session.execute(delete(ExampleRow).where(ExampleRow.id.in_(owned[i:i + 900])))
         return pb.DeleteExamplesResponse(deleted=len(owned))
 
     async def BuildDataset(self, request, context):
         workspace = current_workspace()
+        val.check("invalid dataset request",
+                  lambda v: val.topics(v, "topics", request.topics),
+                  lambda v: val.keyword(v, "method", request.method),
+                  lambda v: val.keyword(v, "base_model", request.base_model),
+                  lambda v: val.keyword(v, "train_on_inputs", request.train_on_inputs),
+                  lambda v: val.enum(v, "overlength_policy", request.overlength_policy, common_pb2.OverlengthPolicy),
+                  lambda v: 0 <= request.max_epochs <= 100 or v.add("max_epochs", "0 (the default, 20) to 100"),
+                  lambda v: 0 <= request.seed < 2**31 or v.add("seed", "0 to 2147483647"))
         summary, files = await self.app.build(
             workspace.id, list(request.topics), request.method or "sft", "", request.base_model,
             request.test_fraction or 0.1, request.seed, request.train_on_inputs or "auto",
@@ -521,6 +550,7 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
 
     async def _dataset(self, dataset_id: str) -> DatasetRow:
         workspace = current_workspace()
+        val.check("invalid request", lambda v: val.identifier(v, "dataset_id", dataset_id))
         async with self.app.db.session() as session:
             row = await session.get(DatasetRow, (workspace.id, dataset_id)) if dataset_id else None
         if row is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tuneforge.core.db import UTCDateTime, utcnow
@@ -16,7 +16,11 @@ class Base(DeclarativeBase):
 
 class JobRow(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("workspace_id", "request_id", name="uq_jobs_request"),)
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "request_id", name="uq_jobs_request"),
+        # ListJobs: a workspace's jobs newest first (ORDER BY created_at DESC, id) without a sort.
+        Index("ix_jobs_workspace_created", "workspace_id", text("created_at DESC"), "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     workspace_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -83,3 +87,19 @@ class WorkspaceSecretRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     api_key_hashes: Mapped[str] = mapped_column(Text, default="")  # comma-separated
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKeyRecordRow(Base):
+    """One API key of a workspace: what ListApiKeys shows (never the secret; the hash only to
+    publish the workspace's active keys). ``workspace_sources.api_key_hashes`` is the active set
+    as published; it is rewritten from these rows on every change."""
+
+    __tablename__ = "api_key_records"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspace_sources.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), default="")
+    label: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

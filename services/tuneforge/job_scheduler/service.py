@@ -4,7 +4,6 @@ their history, and owns workspaces and API keys."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
@@ -21,15 +20,16 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as pb_grpc
 from tuneforge.core import capabilities
 from tuneforge.core import hyperparameters as hp
-from tuneforge.core import subjects
+from tuneforge.core import subjects, telemetry
 from tuneforge.core.datasets import describe_counts
-from tuneforge.core.db import utcnow
+from tuneforge.core.db import TableReader, utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, timestamp
+from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.workspaces import hash_api_key, new_api_key
-from tuneforge.job_scheduler import capability_check
+from tuneforge.job_scheduler import api_keys, capability_check
 from tuneforge.job_scheduler import state_machine as sm
 from tuneforge.job_scheduler.models import Base, CheckpointRow, JobEventRow, JobRow, WorkspaceSecretRow
 from tuneforge.plugins import get_registry
@@ -40,6 +40,11 @@ S = pb.JobState
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobSchedulerService"].full_name
+# The read RPCs (GetJob, ListJobs, WatchJob) read through these: one SELECT on the event loop
+# (core.db.Database.fast_read), no session, no thread hop, no ORM objects.
+JOBS = TableReader(JobRow.__table__)
+JOB_EVENTS = TableReader(JobEventRow.__table__)
+JOB_PROTO_CACHE = 4096  # jobs kept as built messages (JobSchedulerServicer._to_proto)
 
 
 
@@ -47,6 +52,7 @@ class JobScheduler(BaseService):
     name = "job-scheduler"
     tables = (Base,)
     admin_methods = (f"/{SERVICE_NAME}/CreateWorkspace",)
+    admin_or_workspace_methods = tuple(f"/{SERVICE_NAME}/{m}" for m in ("CreateApiKey", "ListApiKeys", "RevokeApiKey"))
 
     def __init__(self, settings):
         super().__init__(settings)
@@ -60,6 +66,7 @@ class JobScheduler(BaseService):
         return [(pb_grpc.add_JobSchedulerServiceServicer_to_server, JobSchedulerServicer(self), SERVICE_NAME)]
 
     async def on_start(self) -> None:
+        await api_keys.backfill(self.db)  # keys created before key records existed
         handlers = {
             subjects.DATASET_BUILD_SUCCEEDED: self.on_dataset_built,
             subjects.DATASET_BUILD_FAILED: self.on_dataset_failed,
@@ -76,7 +83,24 @@ class JobScheduler(BaseService):
         async def dispatch(subject, message, _msg):
             await retry_stale(lambda: handlers[subject](message))
 
-        await self.bus.consume("job-scheduler", list(handlers), dispatch)
+        await self.bus.consume("job-scheduler", list(handlers), dispatch, on_dead_letter=self.on_dead_letter)
+
+    # Events whose loss would leave a job waiting forever: given up, they fail the job instead.
+    _DECISIVE = frozenset({
+        subjects.DATASET_BUILD_SUCCEEDED, subjects.DATASET_BUILD_FAILED, subjects.TRAINING_RUN_SUCCEEDED,
+        subjects.TRAINING_RUN_FAILED, subjects.TRAINING_RUN_CANCELLED, subjects.MODEL_REGISTRATION_SUCCEEDED,
+        subjects.MODEL_REGISTRATION_FAILED,
+    })
+
+    async def on_dead_letter(self, subject: str, message, error: str) -> None:
+        """An event the handlers gave up on (core.bus.RedeliveryPolicy): when it decided the job's
+        next state, the job fails as a system error rather than staying where it is forever.
+        Progress, checkpoints and 'started' only inform; losing one leaves the job correct."""
+        if message is None or subject not in self._DECISIVE or not message.meta.job_id:
+            return
+        reason = f"an internal event ({subject.rsplit('.', 2)[-2]} {subject.rsplit('.', 1)[-1]}) could not be " \
+                 f"processed after {self.bus.redelivery.max_deliver} attempts: {error}"
+        await retry_stale(lambda: self._fail_job(message.meta, reason, common_pb2.FAILURE_KIND_SYSTEM))
 
     # -- helpers ---------------------------------------------------------------------------
     async def _job_for_update(self, session: AsyncSession, meta: ev.EventMeta) -> JobRow | None:
@@ -352,6 +376,9 @@ class JobScheduler(BaseService):
 class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
     def __init__(self, app: JobScheduler):
         self.app = app
+        # (job id, row version) -> pb.Job: every change of a job row bumps its version
+        # (models.JobRow.version), so an entry never goes stale; bounded, oldest out first.
+        self._protos: dict[tuple[str, int], pb.Job] = {}
 
     # -- catalog and validation --------------------------------------------------------------
     async def ListBaseModels(self, request, context):
@@ -379,8 +406,9 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
 
     async def _validate(self, spec: pb.JobSpec, workspace, context) -> tuple[hp.ResolvedHyperparameters, list[str]]:
         registry = get_registry()
-        violations: list[tuple[str, str]] = []
-        if not NAME_RE.match(spec.name):
+        _check_spec_bounds(spec)  # lengths, sizes, enums, control characters: before anything is looked up
+        violations = val.Violations()
+        if not NAME_RE.fullmatch(spec.name):
             violations.append(("spec.name", "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"))
         if len(spec.description) > 2000:
             violations.append(("spec.description", "at most 2000 characters"))
@@ -389,21 +417,19 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 violations.append((f"spec.topics[{i}]", "a topic is 1-100 characters"))
         base = registry.base_models.get(spec.base_model)
         if base is None:
-            violations.append(("spec.base_model", f"unknown base model {spec.base_model!r}; "
+            violations.append(("spec.base_model", f"unknown base model {val.clip(spec.base_model)!r}; "
                                f"choose one of {', '.join(sorted(registry.base_models))}"))
         method = registry.methods.get(spec.method)
         if method is None:
-            violations.append(("spec.method", f"unknown method {spec.method!r}; choose one of {', '.join(sorted(registry.methods))}"))
+            violations.append(("spec.method", f"unknown method {val.clip(spec.method)!r}; choose one of {', '.join(sorted(registry.methods))}"))
         else:
+            options = val.json_object(violations, "spec.method_options_json", spec.method_options_json)
             try:
-                options = json.loads(spec.method_options_json or "{}")
-                if not isinstance(options, dict):
-                    raise ValueError("must be a JSON object")
-                method.validate_options(options)
-            except ValueError as exc:
+                if options is not None:
+                    method.validate_options(options)
+            except (ValueError, TypeError, ArithmeticError) as exc:  # a plugin's check, whatever the value
                 violations.append(("spec.method_options_json", str(exc)))
-        if spec.notify_email and not EMAIL_RE.match(spec.notify_email):
-            violations.append(("spec.notify_email", "not an email address"))
+        val.email(violations, "spec.notify_email", spec.notify_email, required=False)
         findings = capability_check.Findings()
         if base is not None and method is not None:  # can the base model take the data? (core.capabilities)
             findings = await capability_check.check(
@@ -445,6 +471,16 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
 
     # -- jobs --------------------------------------------------------------------------------
     def _to_proto(self, job: JobRow) -> pb.Job:
+        """The job as its message (shared: callers copy it into their response, never change it)."""
+        key = (job.id, job.version)
+        cached = self._protos.get(key)
+        if cached is None:
+            cached = self._protos[key] = self._build_proto(job)
+            if len(self._protos) > JOB_PROTO_CACHE:
+                del self._protos[next(iter(self._protos))]
+        return cached
+
+    def _build_proto(self, job: JobRow) -> pb.Job:
         out = pb.Job(
             id=job.id,
             spec=pb.JobSpec.FromString(job.spec),
@@ -469,28 +505,44 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         return out
 
     async def _get_job(self, session: AsyncSession, job_id: str, workspace_id: str) -> JobRow:
+        val.check("invalid request", lambda v: val.identifier(v, "job_id", job_id))
         job = await session.get(JobRow, job_id) if job_id else None
         if job is None or job.workspace_id != workspace_id:
             raise not_found(f"job {job_id!r}")
         return job
 
+    async def _read_job(self, job_id: str, workspace_id: str):
+        """The caller's job for a read-only answer (attributes as on ``JobRow``): a fast read when
+        the database allows one, else through a session."""
+        val.check("invalid request", lambda v: val.identifier(v, "job_id", job_id))
+        rows = self.app.db.fast_read(JOBS, "id = ?", (job_id,)) if job_id else []
+        if rows is None:
+            async with self.app.db.session() as session:
+                return await self._get_job(session, job_id, workspace_id)
+        if not rows or rows[0].workspace_id != workspace_id:
+            raise not_found(f"job {job_id!r}")
+        return rows[0]
+
     async def CreateJob(self, request, context):
         workspace = current_workspace()
         app = self.app
         spec = request.spec
+        val.check("invalid job", lambda v: val.text(v, "request_id", request.request_id, max_len=val.MAX_ID))
         if request.request_id:
-            async with app.db.session() as session:
-                existing = (
-                    await session.execute(
-                        select(JobRow).where(JobRow.workspace_id == workspace.id, JobRow.request_id == request.request_id)
-                    )
-                ).scalar_one_or_none()
-                if existing is not None:
-                    return pb.CreateJobResponse(job=self._to_proto(existing))
+            found = app.db.fast_read(JOBS, "workspace_id = ? AND request_id = ?", (workspace.id, request.request_id))
+            if found is None:
+                async with app.db.session() as session:
+                    found = (
+                        await session.execute(select(JobRow).where(
+                            JobRow.workspace_id == workspace.id, JobRow.request_id == request.request_id))
+                    ).scalars().all()
+            if found:
+                return pb.CreateJobResponse(job=self._to_proto(found[0]))
         resolved, warnings = await self._validate(spec, workspace, context)
         registry = get_registry()
         method = registry.method(spec.method)
         job_id = "job_" + uuid.uuid4().hex[:20]
+        telemetry.set_log_context(job_id=job_id)  # this RPC's log lines and span name the job
         async with app.db.session() as session, session.begin():
             clash = (
                 await session.execute(
@@ -519,11 +571,15 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 notify_email=spec.notify_email or workspace.owner_email,
             )
             session.add(job)
-            await session.flush()
-            await app._add_event(session, job, "state_changed", "job accepted; validating")
-            for warning in warnings:
-                await app._add_event(session, job, "message", f"warning: {warning}")
-            await app._transition(session, job, S.JOB_STATE_BUILDING_DATASET, "building the dataset")
+            await session.flush()  # the jobs row first: job_events references it
+            # A new job's first events, numbered here: no max(sequence) look-up per event.
+            first = [("state_changed", S.JOB_STATE_VALIDATING, "job accepted; validating")]
+            first += [("message", S.JOB_STATE_VALIDATING, f"warning: {warning}") for warning in warnings]
+            first.append(("state_changed", S.JOB_STATE_BUILDING_DATASET, "building the dataset"))
+            session.add_all(JobEventRow(job_id=job_id, sequence=n, kind=kind, state=state, message=message)
+                            for n, (kind, state, message) in enumerate(first, 1))
+            job.state = S.JOB_STATE_BUILDING_DATASET
+            job.updated_at = utcnow()
             app.outbox.add(
                 session,
                 subjects.DATASET_BUILD_REQUESTED,
@@ -541,29 +597,34 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 ),
             )
         app._changed_now(job_id)
-        async with app.db.session() as session:
-            job = await session.get(JobRow, job_id)
-            return pb.CreateJobResponse(job=self._to_proto(job), warnings=warnings)
+        job = await self._read_job(job_id, workspace.id)
+        return pb.CreateJobResponse(job=self._to_proto(job), warnings=warnings)
 
     async def GetJob(self, request, context):
         workspace = current_workspace()
-        async with self.app.db.session() as session:
-            return pb.GetJobResponse(job=self._to_proto(await self._get_job(session, request.job_id, workspace.id)))
+        _shed_if_expired(context)
+        return pb.GetJobResponse(job=self._to_proto(await self._read_job(request.job_id, workspace.id)))
 
     async def ListJobs(self, request, context):
         workspace = current_workspace()
+        _shed_if_expired(context)
+        val.check("invalid request", lambda v: val.page(v, request))
         page = Page.of(request, default=50, maximum=200)
         size, offset = page.size, page.offset
-        async with self.app.db.session() as session:
-            rows = (
-                await session.execute(
-                    select(JobRow)
-                    .where(JobRow.workspace_id == workspace.id)
-                    .order_by(JobRow.created_at.desc(), JobRow.id)
-                    .offset(offset)
-                    .limit(size + 1)
-                )
-            ).scalars().all()
+        # Newest first; index ix_jobs_workspace_created serves the order (models.JobRow).
+        rows = self.app.db.fast_read(JOBS, "workspace_id = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                                     (workspace.id, size + 1, offset))
+        if rows is None:
+            async with self.app.db.session() as session:
+                rows = (
+                    await session.execute(
+                        select(JobRow)
+                        .where(JobRow.workspace_id == workspace.id)
+                        .order_by(JobRow.created_at.desc(), JobRow.id)
+                        .offset(offset)
+                        .limit(size + 1)
+                    )
+                ).scalars().all()
         return pb.ListJobsResponse(
             jobs=[self._to_proto(j) for j in rows[:size]],
             next_page_token=page.next_token(len(rows)),
@@ -603,20 +664,26 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
 
     async def WatchJob(self, request, context):
         workspace = current_workspace()
+        val.check("invalid request", lambda v: val.identifier(v, "job_id", request.job_id))
         app = self.app
         after = request.after_sequence
+        job = await self._read_job(request.job_id, workspace.id)  # before a wake-up is registered
         while True:
-            changed = app._changed[request.job_id]  # register before reading: no missed wake-up
-            async with app.db.session() as session:
-                job = await self._get_job(session, request.job_id, workspace.id)
-                rows = (
-                    await session.execute(
-                        select(JobEventRow)
-                        .where(JobEventRow.job_id == job.id, JobEventRow.sequence > after)
-                        .order_by(JobEventRow.sequence)
-                    )
-                ).scalars().all()
-                terminal = sm.is_terminal(job.state)
+            changed = app._changed[job.id]  # register before reading: no missed wake-up
+            job = await self._read_job(job.id, workspace.id)
+            rows = app.db.fast_read(JOB_EVENTS, "job_id = ? AND sequence > ? ORDER BY sequence", (job.id, after))
+            if rows is None:
+                async with app.db.session() as session:
+                    rows = (
+                        await session.execute(
+                            select(JobEventRow)
+                            .where(JobEventRow.job_id == job.id, JobEventRow.sequence > after)
+                            .order_by(JobEventRow.sequence)
+                        )
+                    ).scalars().all()
+            terminal = sm.is_terminal(job.state)
+            if terminal:
+                app._changed.pop(job.id, None)  # no change will come to pop it
             for row in rows:
                 event = pb.JobEvent(
                     sequence=row.sequence, time=timestamp(row.time), kind=row.kind, state=row.state, message=row.message
@@ -650,13 +717,14 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
 
     # -- workspaces --------------------------------------------------------------------------
     async def CreateWorkspace(self, request, context):
-        violations = []
+        violations = val.Violations()
         if not request.name.strip() or len(request.name) > 200:
             violations.append(("name", "1-200 characters"))
+        else:
+            val.text(violations, "name", request.name, max_len=val.MAX_DISPLAY_NAME)
         if request.plan == common_pb2.PLAN_UNSPECIFIED or request.plan not in common_pb2.Plan.values():
             violations.append(("plan", "one of starter, pro, business, enterprise"))
-        if not EMAIL_RE.match(request.owner_email):
-            violations.append(("owner_email", "not an email address"))
+        val.email(violations, "owner_email", request.owner_email)
         if violations:
             raise bad_request("invalid workspace", violations)
         api_key = new_api_key()
@@ -671,6 +739,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 api_key_hashes=hash_api_key(api_key),
             )
             session.add(row)
+            await session.flush()
+            session.add(api_keys.new_record(row.id, api_key, "first key"))
             update = await app.publish_workspace(session, row)
         await app.directory.apply(update)  # this service authenticates the key at once
         app.outbox.notify()
@@ -684,6 +754,46 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         return pb.GetWorkspaceResponse(
             workspace=pb.Workspace(id=ws.id, name=ws.name, plan=ws.plan, owner_email=ws.owner_email)
         )
+
+    # -- API keys (job_scheduler/api_keys.py: the rules) -------------------------------------------
+    async def CreateApiKey(self, request, context):
+        return await api_keys.ApiKeys(self.app).create(request)
+
+    async def ListApiKeys(self, request, context):
+        return await api_keys.ApiKeys(self.app).list(request)
+
+    async def RevokeApiKey(self, request, context):
+        return await api_keys.ApiKeys(self.app).revoke(request)
+
+
+def _check_spec_bounds(spec: pb.JobSpec) -> None:
+    """The limits of a JobSpec that need no catalog: INVALID_ARGUMENT at once when one is broken
+    (so nothing oversized is looked up or quoted back)."""
+    hyper = spec.hyperparameters
+    val.check(
+        "invalid job",
+        lambda v: val.text(v, "spec.name", spec.name, max_len=val.MAX_NAME),
+        lambda v: val.text(v, "spec.description", spec.description, max_len=val.MAX_DESCRIPTION, multiline=True),
+        lambda v: val.topics(v, "spec.topics", spec.topics),
+        lambda v: val.keyword(v, "spec.base_model", spec.base_model),
+        lambda v: val.keyword(v, "spec.method", spec.method),
+        lambda v: len(spec.method_options_json) <= val.MAX_OPTIONS_JSON
+        or v.add("spec.method_options_json", f"at most {val.MAX_OPTIONS_JSON} characters"),
+        lambda v: val.text(v, "spec.notify_email", spec.notify_email, max_len=val.MAX_EMAIL),
+        lambda v: val.enum(v, "spec.overlength_policy", spec.overlength_policy, common_pb2.OverlengthPolicy),
+        lambda v: val.repeated(v, "spec.hyperparameters.lora_target_modules", hyper.lora_target_modules,
+                               max_items=val.MAX_MODULES, each=lambda v2, f, m: val.keyword(v2, f, m, required=True)),
+        lambda v: val.keyword(v, "spec.hyperparameters.train_on_inputs", hyper.train_on_inputs),
+    )
+
+
+def _shed_if_expired(context) -> None:
+    """Overloaded, a server starts calls late: one whose deadline has passed while it waited gets
+    DEADLINE_EXCEEDED without doing the work nobody will read (so a backlog drains instead of
+    growing)."""
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is not None and remaining <= 0:
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it started")
 
 
 async def retry_stale(operation, attempts: int = 5):

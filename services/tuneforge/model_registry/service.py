@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import re
-import uuid
 
 from sqlalchemy import delete, or_, select
 
@@ -16,9 +15,11 @@ from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as pb
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2_grpc as pb_grpc
 from tuneforge.core import subjects
-from tuneforge.core.errors import bad_request, failed_precondition, not_found
+from tuneforge.core.bus import derived_event_id
+from tuneforge.core.errors import failed_precondition, not_found
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, file_chunks, timestamp
+from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
@@ -45,6 +46,11 @@ def serving_chat_template(training_template: str) -> str:
     return _GENERATION_TAG.sub(plain, training_template)
 
 
+def model_id_for(workspace_id: str, job_id: str) -> str:
+    """A job's model id: one per job, the same on every redelivery of its registration."""
+    return "mdl_" + hashlib.sha256(f"{workspace_id}/{job_id}".encode()).hexdigest()[:20]
+
+
 class ModelRegistry(BaseService):
     name = "model-registry"
     tables = (Base,)
@@ -57,9 +63,13 @@ class ModelRegistry(BaseService):
         return [(pb_grpc.add_ModelRegistryServiceServicer_to_server, ModelRegistryServicer(self), SERVICE_NAME)]
 
     async def on_start(self) -> None:
-        await self.bus.consume("model-registry", [subjects.MODEL_REGISTRATION_REQUESTED], self.on_registration_requested)
+        await self.bus.consume("model-registry", [subjects.MODEL_REGISTRATION_REQUESTED], self.on_registration_requested,
+                               on_dead_letter=self.on_registration_given_up)
 
     async def on_registration_requested(self, _subject, event: ev.ModelRegistrationRequested, _msg) -> None:
+        """Register the job's model once: the model id derives from the job (so a redelivery that
+        copies the adapter again writes the same place), the row is unique per job, and the
+        answer's event id derives from the request's (JetStream keeps one)."""
         meta = event.meta
         async with self.db.session() as session:
             existing = (
@@ -77,19 +87,19 @@ class ModelRegistry(BaseService):
             ).first()
         if existing is None and clash:
             await self.emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
-                meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                meta=self._result_meta(meta, subjects.MODEL_REGISTRATION_FAILED),
                 reason=f"a model named {event.model_name!r} already exists in the workspace",
                 failure_kind=common_pb2.FAILURE_KIND_USER,
             ))
             return
         if existing is None:
-            model_id = "mdl_" + uuid.uuid4().hex[:20]
+            model_id = model_id_for(meta.workspace_id, meta.job_id)
             prefix = f"registry/{meta.workspace_id}/{model_id}/adapter"
             try:
                 files = await asyncio.to_thread(self._copy_adapter, event.adapter_path, prefix)
             except (FileNotFoundError, ValueError) as exc:
                 await self.emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
-                    meta=self.bus.meta(meta.workspace_id, meta.job_id),
+                    meta=self._result_meta(meta, subjects.MODEL_REGISTRATION_FAILED),
                     reason=f"the trained adapter is incomplete: {exc}",
                     failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
                 ))
@@ -103,15 +113,31 @@ class ModelRegistry(BaseService):
                 adapter_path=prefix, files=json.dumps(files),
             )
             async with self.db.session() as session, session.begin():
-                session.add(row)
+                session.add(row)  # a concurrent twin fails here (unique per job) and is retried as a repeat
                 self.outbox.add(session, subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
-                    meta=self.bus.meta(meta.workspace_id, meta.job_id), model_id=model_id, model_name=row.name,
+                    meta=self._result_meta(meta, subjects.MODEL_REGISTRATION_SUCCEEDED), model_id=model_id,
+                    model_name=row.name,
                 ))
             self.outbox.notify()
         else:  # redelivered: announce again, idempotently
             await self.emit(subjects.MODEL_REGISTRATION_SUCCEEDED, ev.ModelRegistrationSucceeded(
-                meta=self.bus.meta(meta.workspace_id, meta.job_id), model_id=existing.id, model_name=existing.name,
+                meta=self._result_meta(meta, subjects.MODEL_REGISTRATION_SUCCEEDED), model_id=existing.id,
+                model_name=existing.name,
             ))
+
+    async def on_registration_given_up(self, _subject, event: ev.ModelRegistrationRequested | None, error: str) -> None:
+        """Registration failed on every delivery (core.bus.RedeliveryPolicy): the job fails as a
+        system error instead of staying REGISTERING forever."""
+        if event is None:
+            return
+        await self.emit(subjects.MODEL_REGISTRATION_FAILED, ev.ModelRegistrationFailed(
+            meta=self._result_meta(event.meta, subjects.MODEL_REGISTRATION_FAILED),
+            reason=f"the model could not be registered after {self.bus.redelivery.max_deliver} attempts: {error}",
+            failure_kind=common_pb2.FAILURE_KIND_SYSTEM,
+        ))
+
+    def _result_meta(self, cause: ev.EventMeta, subject: str) -> ev.EventMeta:
+        return self.bus.meta(cause.workspace_id, cause.job_id, event_id=derived_event_id(cause.event_id, subject))
 
     def _copy_adapter(self, source_prefix: str, prefix: str) -> list[dict]:
         keys = self.store.list(source_prefix)
@@ -134,8 +160,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
 
     async def _find(self, session, ref: str) -> ModelRow:
         ws = current_workspace()
-        if not ref:
-            raise bad_request("no model given", [("model", "a model id or name")])
+        val.check("invalid model reference", lambda v: val.model_ref(v, "model", ref))
         row = (
             await session.execute(
                 select(ModelRow).where(ModelRow.workspace_id == ws.id, or_(ModelRow.id == ref, ModelRow.name == ref))
@@ -165,6 +190,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
 
     async def ListModels(self, request, context):
         ws = current_workspace()
+        val.check("invalid request", lambda v: val.page(v, request))
         page = Page.of(request, default=50, maximum=200)
         size, offset = page.size, page.offset
         async with self.app.db.session() as session:
@@ -204,8 +230,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
 
     async def AssignModelToAgent(self, request, context):
         self._enterprise("assigning models to agents")
-        if not AGENT_RE.match(request.agent_id):
-            raise bad_request("invalid agent id", [("agent_id", "1-128 characters: letters, digits, '.', '_', ':', '-'")])
+        val.check("invalid agent id", lambda v: val.agent_id(v, "agent_id", request.agent_id))
         async with self.app.db.session() as session, session.begin():
             row = await self._find(session, request.model)
             if await session.get(AssignmentRow, (row.id, request.agent_id)) is None:
@@ -215,6 +240,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
 
     async def UnassignModel(self, request, context):
         self._enterprise("assigning models to agents")
+        val.check("invalid agent id", lambda v: val.agent_id(v, "agent_id", request.agent_id))
         async with self.app.db.session() as session, session.begin():
             row = await self._find(session, request.model)
             result = await session.execute(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import re
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneforge.api.events.v1 import events_pb2 as ev
@@ -17,9 +18,9 @@ from tuneforge.api.notifier.v1 import notifier_service_pb2 as pb
 from tuneforge.api.notifier.v1 import notifier_service_pb2_grpc as pb_grpc
 from tuneforge.core import subjects
 from tuneforge.core.db import utcnow
-from tuneforge.core.errors import bad_request
 from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, timestamp
+from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.notifier import mailer, messages
 from tuneforge.notifier.models import Base, DeliveryRow
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_ATTEMPTS = 8
+SEND_LEASE_MARGIN_SECONDS = 30.0  # a claimed delivery is retried this long after the SMTP timeout
 
 
 
@@ -64,13 +66,17 @@ class Notifier(BaseService):
             title, body = messages.job_failed(event)
         else:
             title, body = messages.job_cancelled(event)
-        row = await self.record(event.meta, event.owner_email, title, body)
+        row = await self.record(event.meta, event.owner_email, title, body,
+                                delivery_id=job_delivery_id(event.meta.job_id, subject) if event.meta.job_id else "")
         if row is not None:
             await self.attempt(row.id)
 
-    async def record(self, meta: ev.EventMeta, recipient: str, subject: str, body: str) -> DeliveryRow | None:
-        """Store the delivery once per event (a redelivered event finds it and sends nothing new)."""
-        delivery_id = "dlv_" + uuid.uuid4().hex[:20]
+    async def record(self, meta: ev.EventMeta, recipient: str, subject: str, body: str,
+                     *, delivery_id: str = "") -> DeliveryRow | None:
+        """Store the delivery once: per event (unique event id) and, for a job's terminal state,
+        once per (job, state) — ``delivery_id`` derives from them, so a second event announcing
+        the same state finds the row and sends nothing new. None when it was stored already."""
+        delivery_id = delivery_id or "dlv_" + uuid.uuid4().hex[:20]
         row = DeliveryRow(
             id=delivery_id, event_id=meta.event_id, workspace_id=meta.workspace_id, job_id=meta.job_id,
             recipient=recipient, subject=subject, body=body,
@@ -83,11 +89,30 @@ class Notifier(BaseService):
             return None
         return row
 
+    async def _claim(self, delivery_id: str) -> bool:
+        """Take a pending, due delivery for one sending attempt: its next attempt moves a lease
+        ahead, so the retry loop and the event handler never send the same message at once."""
+        now = utcnow()
+        lease = dt.timedelta(seconds=(self.smtp.timeout if self.smtp else 30.0) + SEND_LEASE_MARGIN_SECONDS)
+        async with self.db.session() as session, session.begin():
+            result = await session.execute(
+                update(DeliveryRow)
+                .where(DeliveryRow.id == delivery_id, DeliveryRow.state == pb.DELIVERY_STATE_PENDING,
+                       DeliveryRow.next_attempt_at <= now)
+                .values(next_attempt_at=now + lease)
+            )
+        return result.rowcount == 1
+
     async def attempt(self, delivery_id: str) -> DeliveryRow:
+        """One sending attempt. Delivery is at-least-once with a stable Message-ID: a process
+        killed after the SMTP server took the message but before the result was stored sends
+        it again once the claim's lease runs out, with the same ``Message-ID`` (derived from the
+        job and its state), by which mail systems and readers recognise the repeat."""
+        if not await self._claim(delivery_id):
+            async with self.db.session() as session:
+                return await session.get(DeliveryRow, delivery_id)
         async with self.db.session() as session:
             row = await session.get(DeliveryRow, delivery_id)
-        if row.state != pb.DELIVERY_STATE_PENDING:
-            return row
         message = mailer.compose(
             sender=self.settings.mail_from, to=row.recipient, subject=row.subject, text=row.body,
             message_id=row.message_id,
@@ -134,6 +159,11 @@ class Notifier(BaseService):
                 log.exception("retry loop failed")
 
 
+def job_delivery_id(job_id: str, subject: str) -> str:
+    """The one delivery of a job's terminal state (``subject``): the same id on every event."""
+    return "dlv_" + hashlib.sha256(f"{job_id}/{subject}".encode()).hexdigest()[:20]
+
+
 def _to_proto(row: DeliveryRow) -> pb.Delivery:
     out = pb.Delivery(
         id=row.id, job_id=row.job_id, recipient=row.recipient, subject=row.subject, state=row.state,
@@ -151,6 +181,8 @@ class NotifierServicer(pb_grpc.NotifierServiceServicer):
 
     async def ListDeliveries(self, request, context):
         ws = current_workspace()
+        val.check("invalid request", lambda v: val.page(v, request),
+                  lambda v: val.identifier(v, "job_id", request.job_id, required=False))
         page = Page.of(request, default=50, maximum=200)
         size, offset = page.size, page.offset
         query = select(DeliveryRow).where(DeliveryRow.workspace_id == ws.id)
@@ -168,8 +200,7 @@ class NotifierServicer(pb_grpc.NotifierServiceServicer):
     async def SendTestNotification(self, request, context):
         ws = current_workspace()
         recipient = request.recipient or ws.owner_email
-        if not EMAIL_RE.match(recipient):
-            raise bad_request("invalid recipient", [("recipient", "not an email address")])
+        val.check("invalid recipient", lambda v: val.email(v, "recipient", recipient))
         meta = self.app.bus.meta(ws.id)
         row = await self.app.record(
             meta, recipient, "tuneforge test notification",

@@ -215,6 +215,45 @@ def check_vocabulary(spec: BaseModelSpec, tokenizer, vocab_size: int, embedding_
             f"special tokens differ: {what}'s tokenizer lacks {', '.join(missing)}, which {spec.id} uses")
 
 
+class UnsafeModelError(ModelImportError):
+    """A model folder that loading could let run code (pickle files, remote code): refused before
+    anything is loaded."""
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    """Every pickle-format file (``PICKLE_SUFFIXES``) anywhere under ``folder``, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+
+
+def _names(paths: list[Path], folder: Path, limit: int = 3) -> str:
+    names = [p.relative_to(folder).as_posix() for p in paths[:limit]]
+    return ", ".join(names) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_safe_model_dir(model_dir: Path) -> None:
+    """What the trainer checks before ``from_pretrained(model_dir, use_safetensors=True,
+    trust_remote_code=False)``: no pickle file anywhere in the folder (a pickle can run code when
+    loaded), safetensors weights present, and a config that does not ask for remote code.
+    Raises ``UnsafeModelError`` with what to do."""
+    model_dir = Path(model_dir)
+    pickles = pickle_files(model_dir)
+    if pickles:
+        raise UnsafeModelError(
+            f"refusing to load {model_dir}: it holds pickle file(s) ({_names(pickles, model_dir)}), which can run "
+            "code when loaded; tuneforge loads safetensors only. Remove them from the model store (the "
+            "*.safetensors weights are what is loaded) or import the model again with `tuneforge models import`")
+    if not any(model_dir.glob("*.safetensors")):
+        raise UnsafeModelError(f"refusing to load {model_dir}: no *.safetensors weights (safetensors only; "
+                               "import the model with `tuneforge models import`)")
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UnsafeModelError(f"refusing to load {model_dir}: unreadable config.json ({exc})") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise UnsafeModelError(f"refusing to load {model_dir}: its config.json asks for remote code (auto_map), "
+                               "which tuneforge never runs (trust_remote_code is always off)")
+
+
 def _refuse_pickle(path: Path) -> None:
     raise ModelImportError(
         f"{path.name} is a pickle checkpoint ({path.suffix}): pickles can run code when loaded, so tuneforge "
@@ -369,11 +408,16 @@ def _check_hf_folder(source: Path) -> None:
     if not (source / "config.json").is_file():
         raise ModelImportError(f"{source} has no config.json: expected a Hugging Face model folder or a .gguf file")
     safetensors = sorted(source.glob("*.safetensors"))
+    pickles = pickle_files(source)
     if not safetensors:
-        pickles = sorted(p for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             _refuse_pickle(pickles[0])
         raise ModelImportError(f"{source} has no *.safetensors weights")
+    if pickles:  # a model directory with a pickle file is refused, even beside safetensors weights
+        raise UnsafeModelError(
+            f"{source} holds pickle file(s) ({_names(pickles, source)}), which can run code when loaded; tuneforge "
+            "only imports model folders without them: remove them (the *.safetensors weights are enough; e.g. "
+            "download with --exclude '*.bin' '*.pth' '*.pt') and import again")
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -65,12 +65,14 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         )
 
     async def GetWorkerStatus(self, request, context):
-        current_workspace()
+        workspace = current_workspace()
         s = self.app.worker.status
         start = Timestamp()
         start.FromSeconds(int(s.start_time))
-        return pb.GetWorkerStatusResponse(
-            worker_id=s.worker_id, current_job_id=s.current_job_id, current_attempt=s.current_attempt,
-            current_step=s.current_step, runs_completed=s.runs_completed, start_time=start,
-        )
+        reply = pb.GetWorkerStatusResponse(worker_id=s.worker_id, runs_completed=s.runs_completed, start_time=start)
+        # The job in hand is shown to its own workspace only: another's job id must not leak.
+        if s.current_job_id and s.current_workspace_id == workspace.id:
+            reply.current_job_id, reply.current_attempt, reply.current_step = (
+                s.current_job_id, s.current_attempt, s.current_step)
+        return reply
 

@@ -1,42 +1,68 @@
 """The training worker: pulls ``training.run.requested`` from the work queue, runs the job's
 method with heartbeats, reports progress, writes the adapter, and acks only when done.
 
-A worker that dies leaves its message un-acked: JetStream redelivers it to another worker with a
-higher attempt number, and the scheduler ignores the older attempt's reports.
+A worker that dies leaves its message un-acked: JetStream redelivers it (to this worker once it
+is back, or another) with a higher attempt number, and the scheduler ignores the older attempt's
+reports. The new attempt resumes from the latest complete checkpoint of the earlier attempts
+(adapter, optimizer, scheduler, RNG, data position, trainer state with the log history from which
+early stopping is rebuilt), and says so in ``TrainingRunStarted.resumed_from_step``. Every
+attempt writes under its own ``attempt-N`` prefix, so a stale worker never overwrites a newer
+attempt's files. After ``MAX_ATTEMPTS`` the job fails with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core import hyperparameters as hp
-from tuneforge.core import subjects
+from tuneforge.core import subjects, telemetry
 from tuneforge.core.bus import Bus
 from tuneforge.core.settings import Settings
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.plugins import get_registry
+from tuneforge.trainer.model_import import check_safe_model_dir
 from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext, TrainingResult
 from tuneforge.training import finite_metrics as extra_metrics  # a result's metrics as TrainingMetrics.extra
 
 log = logging.getLogger(__name__)
 WORK_CONSUMER = "trainers"
-MAX_DELIVER = 5
+# A work item is trained at most MAX_ATTEMPTS times. Delivery n's lease is redelivery_backoff(ack_wait)[n-1]
+# (ack_wait doubling, heartbeats keep it alive), so after a worker dies the item comes back later
+# each time; the delivery after the last attempt fails the job without training. The consumer
+# itself never drops the item (max_deliver -1): the worker always decides, and says why.
+MAX_ATTEMPTS = 4
+MAX_BACKOFF_SECONDS = 600.0
+CHECKPOINT_MARKER = "checkpoint-complete.json"  # written after the upload: only such checkpoints are trusted
+ATTEMPT_MARKER = "attempt.json"  # written when an attempt starts: attempt numbers survive a consumer reset
+RESULT_FILE = "result.json"  # the attempt's final event: a redelivery after it republishes, never retrains
 PROGRESS_MIN_INTERVAL = 0.5
+# Test-only fault injection (tests/test_supervised_stack.py sets it for the stack it starts; never
+# set it in a deployment): the trainer process os._exit()s when a run reaches this step (0: as the
+# attempt starts training), as a crash would. TUNEFORGE_TEST_CRASH_SEED, when set too, limits it
+# to runs with that seed (other jobs train normally).
+TEST_CRASH_AT_STEP_ENV = "TUNEFORGE_TEST_CRASH_AT_STEP"
+TEST_CRASH_SEED_ENV = "TUNEFORGE_TEST_CRASH_SEED"
+TEST_CRASH_EXIT_CODE = 71
 
 
 SAMPLE_FIELDS = ("prompt_json", "prompt", "reference", "base_answer", "tuned_answer")
@@ -61,11 +87,180 @@ class UserDataError(Exception):
     """The job cannot train because of its data or settings."""
 
 
+class CheckpointError(Exception):
+    """A stored checkpoint cannot be used (incomplete, corrupt, or not what its marker says)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The work consumer and the run's layout in the artifact store (functions: the tests use them).
+
+
+def redelivery_backoff(ack_wait: float) -> list[float]:
+    """Delivery n's lease: ``ack_wait`` doubling per attempt, at most ``MAX_BACKOFF_SECONDS``."""
+    return [min(max(ack_wait, MAX_BACKOFF_SECONDS), ack_wait * 2 ** i) for i in range(MAX_ATTEMPTS)]
+
+
+def work_consumer_config(ack_wait: float) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=WORK_CONSUMER,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        filter_subject=subjects.TRAINING_RUN_REQUESTED,
+        ack_wait=ack_wait,
+        backoff=redelivery_backoff(ack_wait),
+        max_deliver=-1,
+        # Items waiting for their back-off do not hold up the others (a worker takes one at a time).
+        max_ack_pending=1000,
+    )
+
+
+def _same_consumer_config(have: api.ConsumerConfig, want: api.ConsumerConfig) -> bool:
+    def close(a, b) -> bool:
+        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-3
+
+    return (have.max_deliver == want.max_deliver and have.filter_subject == want.filter_subject
+            and have.max_ack_pending == want.max_ack_pending and close(have.ack_wait, want.ack_wait)
+            and len(have.backoff or []) == len(want.backoff or [])
+            and all(close(a, b) for a, b in zip(have.backoff or [], want.backoff or [])))
+
+
+async def ensure_work_consumer(js, config: api.ConsumerConfig) -> api.ConsumerInfo:
+    """Create the durable work consumer, or bring an existing one (an older release's settings)
+    to ``config``: updated in place where the server allows it, else deleted and created again.
+    Pending items stay in the work-queue stream either way; attempt numbers survive through the
+    attempt markers in the artifact store (:func:`next_attempt`)."""
+    try:
+        info = await js.add_consumer(subjects.WORK_STREAM, config)
+        if _same_consumer_config(info.config, config):
+            return info
+        reason = f"it kept max_deliver={info.config.max_deliver} backoff={info.config.backoff}"
+    except nats.js.errors.BadRequestError as exc:  # e.g. "consumer already exists" with another config
+        reason = str(exc)
+    log.warning("work consumer %s has an older configuration (%s): recreating it", config.durable_name, reason)
+    await js.delete_consumer(subjects.WORK_STREAM, config.durable_name)
+    return await js.add_consumer(subjects.WORK_STREAM, config)
+
+
+def run_prefix(workspace_id: str, job_id: str) -> str:
+    return f"runs/{workspace_id}/{job_id}"
+
+
+def attempt_prefix(workspace_id: str, job_id: str, attempt: int) -> str:
+    return f"{run_prefix(workspace_id, job_id)}/attempt-{attempt}"
+
+
+def checkpoint_key(workspace_id: str, job_id: str, attempt: int, step: int) -> str:
+    return f"{attempt_prefix(workspace_id, job_id, attempt)}/checkpoints/step-{step}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCheckpoint:
+    attempt: int
+    step: int
+    key: str  # the checkpoint's prefix in the artifact store
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def upload_checkpoint(store: ArtifactStore, local_dir, key: str, step: int) -> bool:
+    """Upload a checkpoint directory, then, for a trainer checkpoint (one that can be resumed
+    from: it has ``trainer_state.json``; the final adapter has not), its completion marker with
+    every file's size and sha256. A checkpoint without the marker (the uploader died part-way) is
+    never resumed from. Returns whether the marker was written."""
+    local_dir = Path(local_dir)
+    files = {p.relative_to(local_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(local_dir.rglob("*")) if p.is_file()}
+    store.put_dir(local_dir, key)
+    if "trainer_state.json" not in files:
+        return False
+    store.put_bytes(f"{key}/{CHECKPOINT_MARKER}", json.dumps({"step": step, "files": files}).encode())
+    return True
+
+
+_CHECKPOINT_RE = re.compile(r"attempt-(\d+)/checkpoints/step-(\d+)/" + re.escape(CHECKPOINT_MARKER))
+_ATTEMPT_RE = re.compile(r"attempt-(\d+)/")
+
+
+def complete_checkpoints(store: ArtifactStore, workspace_id: str, job_id: str,
+                         before_attempt: int | None = None) -> list[StoredCheckpoint]:
+    """The job's completed checkpoints of attempts before ``before_attempt``, latest step first."""
+    prefix = run_prefix(workspace_id, job_id)
+    found = []
+    for key in store.list(prefix):
+        match = _CHECKPOINT_RE.fullmatch(key[len(prefix) + 1:])
+        if match and (before_attempt is None or int(match[1]) < before_attempt):
+            attempt, step = int(match[1]), int(match[2])
+            found.append(StoredCheckpoint(attempt, step, checkpoint_key(workspace_id, job_id, attempt, step)))
+    return sorted(found, key=lambda c: (c.step, c.attempt), reverse=True)
+
+
+def download_checkpoint(store: ArtifactStore, checkpoint: StoredCheckpoint, local_dir) -> Path:
+    """Download and verify a checkpoint against its marker (every file, size and sha256; the
+    trainer state at the marker's step); raises :class:`CheckpointError` if it does not match."""
+    local_dir = Path(local_dir)
+    if local_dir.exists():
+        shutil.rmtree(local_dir)
+    try:
+        marker = json.loads(store.get_bytes(f"{checkpoint.key}/{CHECKPOINT_MARKER}"))
+        store.get_dir(checkpoint.key, local_dir)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read it: {type(exc).__name__}: {exc}") from exc
+    files = marker.get("files") or {}
+    if marker.get("step") != checkpoint.step or "trainer_state.json" not in files:
+        raise CheckpointError("its completion marker does not describe a trainer checkpoint at this step")
+    for name, want in files.items():
+        path = local_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if path.stat().st_size != want.get("size") or _sha256(path) != want.get("sha256"):
+            raise CheckpointError(f"{name} differs from what was uploaded")
+    try:
+        state = json.loads((local_dir / "trainer_state.json").read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"trainer_state.json is not JSON: {exc}") from exc
+    if state.get("global_step") != checkpoint.step:
+        raise CheckpointError(f"trainer_state.json is at step {state.get('global_step')}, not {checkpoint.step}")
+    return local_dir
+
+
+def started_attempts(store: ArtifactStore, workspace_id: str, job_id: str) -> list[int]:
+    """Attempt numbers that wrote their start marker, ascending."""
+    prefix = run_prefix(workspace_id, job_id)
+    seen = set()
+    for key in store.list(prefix):
+        rest = key[len(prefix) + 1:]
+        match = _ATTEMPT_RE.match(rest)
+        if match and rest == f"attempt-{match[1]}/{ATTEMPT_MARKER}":
+            seen.add(int(match[1]))
+    return sorted(seen)
+
+
+def next_attempt(num_delivered: int, started: list[int]) -> int:
+    """This delivery's attempt number: JetStream's delivery count, or one more than the highest
+    attempt that started if that is higher (a recreated consumer counts from 1 again)."""
+    return max(num_delivered, (max(started) + 1) if started else 1)
+
+
+def _test_crash_hook(seed: int):
+    """Test-only (see TEST_CRASH_AT_STEP_ENV): the step at which this process must die, or None."""
+    at = os.environ.get(TEST_CRASH_AT_STEP_ENV)
+    only_seed = os.environ.get(TEST_CRASH_SEED_ENV)
+    if not at or (only_seed and int(only_seed) != seed):
+        return None
+    return int(at)
+
+
 @dataclasses.dataclass
 class WorkerStatus:
     worker_id: str
     start_time: float
     current_job_id: str = ""
+    current_workspace_id: str = ""  # GetWorkerStatus shows the current job to this workspace only
     current_attempt: int = 0
     current_step: int = 0
     runs_completed: int = 0
@@ -83,20 +278,11 @@ class TrainingWorker:
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self._stopping = asyncio.Event()
+        self._started_sent = False  # TrainingRunStarted of the current attempt went out
 
     async def run(self) -> None:
         js = self.bus.js
-        await js.add_consumer(
-            subjects.WORK_STREAM,
-            api.ConsumerConfig(
-                durable_name=WORK_CONSUMER,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                filter_subject=subjects.TRAINING_RUN_REQUESTED,
-                ack_wait=self.settings.training_ack_wait_seconds,
-                max_deliver=MAX_DELIVER,
-                max_ack_pending=1000,
-            ),
-        )
+        await ensure_work_consumer(js, work_consumer_config(self.settings.training_ack_wait_seconds))
         cancel_sub = await self.bus.nc.subscribe(subjects.TRAINING_RUN_CANCEL_REQUESTED, cb=self._on_cancel)
         psub = await js.pull_subscribe_bind(durable=WORK_CONSUMER, stream=subjects.WORK_STREAM)
         try:
@@ -107,8 +293,13 @@ class TrainingWorker:
                     continue
                 except nats.errors.ConnectionClosedError:
                     return
+                except Exception:  # nats-server restarting, etc.: keep the worker alive
+                    log.warning("fetching work failed; retrying", exc_info=True)
+                    await asyncio.sleep(0.5)
+                    continue
                 for msg in msgs:
-                    await self.handle(msg)
+                    with telemetry.consumer_span(msg):  # the job's trace goes on; job ids in the logs
+                        await self.handle(msg)
         finally:
             await cancel_sub.unsubscribe()
             try:
@@ -139,34 +330,118 @@ class TrainingWorker:
             await msg.term()
             return
         meta = request.meta
-        attempt = msg.metadata.num_delivered if msg.metadata else 1
         job_id, workspace_id = meta.job_id, meta.workspace_id
-        self.status.current_job_id, self.status.current_attempt, self.status.current_step = job_id, attempt, 0
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
-            await self.bus.publish(subjects.TRAINING_RUN_STARTED, ev.TrainingRunStarted(
-                meta=self.bus.meta(workspace_id, job_id), attempt=attempt, worker_id=self.status.worker_id))
-            result_event = await self._train(request, attempt)
-            await self.bus.publish(
-                subjects.TRAINING_RUN_CANCELLED if isinstance(result_event, ev.TrainingRunCancelled)
-                else subjects.TRAINING_RUN_SUCCEEDED,
-                result_event,
-            )
-        except UserDataError as exc:
-            await self._report_failure(workspace_id, job_id, attempt, str(exc), common_pb2.FAILURE_KIND_USER)
-        except Exception as exc:
-            log.exception("training %s (attempt %s) failed", job_id, attempt)
-            await self._report_failure(workspace_id, job_id, attempt, f"training failed: {type(exc).__name__}: {exc}",
-                                       common_pb2.FAILURE_KIND_SYSTEM)
+            if await self._finish_from_stored_result(workspace_id, job_id):
+                await self._ack(msg)
+                return
+            started = await asyncio.to_thread(started_attempts, self.store, workspace_id, job_id)
+            attempt = next_attempt(delivered, started)
+            if attempt > MAX_ATTEMPTS:
+                await self._give_up(workspace_id, job_id, attempt)
+                await self._ack(msg)
+                return
+        except Exception:  # the artifact store or NATS is unavailable: the item comes back later
+            log.exception("work item for job %s (delivery %s): cannot look at its earlier attempts", job_id, delivered)
+            return
+        finally:
+            heartbeat.cancel()
+        self.status.current_job_id, self.status.current_attempt, self.status.current_step = job_id, attempt, 0
+        self.status.current_workspace_id = workspace_id
+        self._started_sent = False
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            try:
+                await asyncio.to_thread(
+                    self.store.put_bytes, f"{attempt_prefix(workspace_id, job_id, attempt)}/{ATTEMPT_MARKER}",
+                    json.dumps({"attempt": attempt, "delivery": delivered, "worker_id": self.status.worker_id,
+                                "started_at": time.time()}).encode())
+                result_event = await self._train(request, attempt)
+                subject = (subjects.TRAINING_RUN_CANCELLED if isinstance(result_event, ev.TrainingRunCancelled)
+                           else subjects.TRAINING_RUN_SUCCEEDED)
+            except UserDataError as exc:
+                subject = subjects.TRAINING_RUN_FAILED
+                result_event = self._failure(workspace_id, job_id, attempt, str(exc), common_pb2.FAILURE_KIND_USER)
+            except Exception as exc:
+                log.exception("training %s (attempt %s) failed", job_id, attempt)
+                subject = subjects.TRAINING_RUN_FAILED
+                result_event = self._failure(workspace_id, job_id, attempt,
+                                             f"training failed: {type(exc).__name__}: {exc}",
+                                             common_pb2.FAILURE_KIND_SYSTEM)
+            if not self._started_sent:
+                await self._publish_started(workspace_id, job_id, attempt, 0)
+            await self._store_result(workspace_id, job_id, attempt, subject, result_event)
+            await self.bus.publish(subject, result_event)
+        except Exception:  # NATS unavailable: no ack, the item comes back and the stored result is sent then
+            log.exception("job %s (attempt %s): cannot report the outcome; the work item will come back", job_id, attempt)
+            return
         finally:
             heartbeat.cancel()
             self.status.current_job_id, self.status.current_attempt = "", 0
             self.status.runs_completed += 1
-        await msg.ack()
+        await self._ack(msg)
+
+    async def _ack(self, msg: Msg) -> None:
+        """Ack, retrying for a while (nats-server restarting); if it never goes through, the item
+        is redelivered and the stored result is republished (no second training)."""
+        for delay in (0.5, 1, 2, 4, 8):
+            try:
+                await msg.ack()
+                return
+            except Exception:
+                log.warning("ack failed; retrying in %ss", delay, exc_info=True)
+                await asyncio.sleep(delay)
+        log.error("could not ack the work item %s; it will be redelivered", msg.metadata)
+
+    async def _publish_started(self, workspace_id: str, job_id: str, attempt: int, resumed_from_step: int) -> None:
+        self._started_sent = True
+        await self.bus.publish(subjects.TRAINING_RUN_STARTED, ev.TrainingRunStarted(
+            meta=self.bus.meta(workspace_id, job_id), attempt=attempt, worker_id=self.status.worker_id,
+            resumed_from_step=resumed_from_step))
+
+    async def _store_result(self, workspace_id, job_id, attempt, subject: str, event) -> None:
+        """Best effort: without it a lost ack costs a second run, nothing worse."""
+        record = {"subject": subject, "event": base64.b64encode(event.SerializeToString()).decode()}
+        try:
+            await asyncio.to_thread(self.store.put_bytes,
+                                    f"{attempt_prefix(workspace_id, job_id, attempt)}/{RESULT_FILE}",
+                                    json.dumps(record).encode())
+        except Exception:
+            log.warning("job %s: could not store the result of attempt %s", job_id, attempt, exc_info=True)
+
+    async def _finish_from_stored_result(self, workspace_id: str, job_id: str) -> bool:
+        """An earlier attempt finished (its result is stored) but its ack was lost: publish that
+        result again (same event id: JetStream drops it if the first one arrived) instead of
+        training again."""
+        prefix = run_prefix(workspace_id, job_id)
+        keys = await asyncio.to_thread(self.store.list, prefix)
+        results = sorted((int(m[1]), key) for key in keys
+                         if (m := re.fullmatch(r"attempt-(\d+)/" + re.escape(RESULT_FILE), key[len(prefix) + 1:])))
+        if not results:
+            return False
+        attempt, key = results[-1]
+        record = json.loads(await asyncio.to_thread(self.store.get_bytes, key))
+        subject = record["subject"]
+        event = subjects.MESSAGE_TYPES[subject].FromString(base64.b64decode(record["event"]))
+        log.info("job %s: attempt %s already finished (%s); publishing its result again", job_id, attempt, subject)
+        await self.bus.publish(subject, event)
+        return True
+
+    async def _give_up(self, workspace_id: str, job_id: str, attempt: int) -> None:
+        latest = await asyncio.to_thread(complete_checkpoints, self.store, workspace_id, job_id)
+        where = f"last checkpoint at step {latest[0].step}" if latest else "before its first checkpoint"
+        reason = f"the trainer stopped during {attempt - 1} attempts ({where}); giving up"
+        log.error("job %s: %s", job_id, reason)
+        await self._report_failure(workspace_id, job_id, attempt, reason, common_pb2.FAILURE_KIND_SYSTEM)
+
+    def _failure(self, workspace_id, job_id, attempt, reason, kind) -> ev.TrainingRunFailed:
+        return ev.TrainingRunFailed(meta=self.bus.meta(workspace_id, job_id), attempt=attempt, reason=reason,
+                                    failure_kind=kind)
 
     async def _report_failure(self, workspace_id, job_id, attempt, reason, kind) -> None:
-        await self.bus.publish(subjects.TRAINING_RUN_FAILED, ev.TrainingRunFailed(
-            meta=self.bus.meta(workspace_id, job_id), attempt=attempt, reason=reason, failure_kind=kind))
+        await self.bus.publish(subjects.TRAINING_RUN_FAILED, self._failure(workspace_id, job_id, attempt, reason, kind))
 
     async def _heartbeat(self, msg: Msg) -> None:
         interval = max(0.2, min(self.settings.training_heartbeat_seconds, self.settings.training_ack_wait_seconds / 3))
@@ -191,6 +466,7 @@ class TrainingWorker:
                 f"no weights for {spec.id} in the model store {self.model_store} "
                 f"(place them there, or `tuneforge models make-standin {spec.id}` for a tiny stand-in)"
             )
+        check_safe_model_dir(model_dir)  # every method plugin: no pickle files, no remote code (UnsafeModelError)
         try:
             options = method.validate_options(json.loads(request.method_options_json or "{}"))
         except ValueError as exc:
@@ -203,17 +479,32 @@ class TrainingWorker:
         work = self.work_root / job_id / f"attempt-{attempt}"
         if work.exists():
             shutil.rmtree(work)
+        # What crashed attempts left on local disk (their checkpoints are in the artifact store; a
+        # stale worker still using it is fenced by attempt number anyway).
+        for older in range(1, attempt):
+            shutil.rmtree(self.work_root / job_id / f"attempt-{older}", ignore_errors=True)
         data_dir = work / "data"
         dataset_prefix = request.dataset.artifact_path
         await asyncio.to_thread(self.store.get_dir, dataset_prefix, data_dir)
+        # Earlier attempts' complete checkpoints, latest first; each is tried in turn, then step 0.
+        candidates = (await asyncio.to_thread(complete_checkpoints, self.store, workspace_id, job_id, attempt)
+                      if attempt > 1 else [])
+        crash_at = _test_crash_hook(resolved.seed)
         loop = asyncio.get_running_loop()
         last_sent = [0.0]
+        resumed_from = [0]  # the step this try started from
+        trained_past = [False]  # a step after resumed_from completed (so the checkpoint loaded)
 
         def publish_threadsafe(subject, message) -> None:
             asyncio.run_coroutine_threadsafe(self.bus.publish(subject, message), loop).result(timeout=30)
 
         def on_progress(report: ProgressReport) -> None:
             self.status.current_step = report.step
+            if report.step > resumed_from[0]:
+                trained_past[0] = True
+            if crash_at is not None and report.step >= crash_at:
+                log.error("test-only %s=%s: exiting at step %s", TEST_CRASH_AT_STEP_ENV, crash_at, report.step)
+                os._exit(TEST_CRASH_EXIT_CODE)
             now = time.monotonic()
             final = report.step >= report.total_steps
             if report.eval_loss is None and not final and now - last_sent[0] < PROGRESS_MIN_INTERVAL:
@@ -228,13 +519,17 @@ class TrainingWorker:
                 meta=self.bus.meta(workspace_id, job_id), attempt=attempt, progress=progress))
 
         def on_checkpoint(report: CheckpointReport) -> None:
-            key = f"runs/{workspace_id}/{job_id}/attempt-{attempt}/checkpoints/step-{report.step}"
-            self.store.put_dir(report.path, key)
+            trained_past[0] = trained_past[0] or report.step > resumed_from[0]
+            key = checkpoint_key(workspace_id, job_id, attempt, report.step)
+            upload_checkpoint(self.store, report.path, key, report.step)
             event = ev.TrainingRunCheckpoint(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                              step=report.step, artifact_path=key)
             if report.eval_loss is not None:
                 event.eval_loss = report.eval_loss
-            publish_threadsafe(subjects.TRAINING_RUN_CHECKPOINT, event)
+            try:
+                publish_threadsafe(subjects.TRAINING_RUN_CHECKPOINT, event)
+            except Exception:  # the checkpoint is stored (and marked complete); the event only informs
+                log.warning("job %s: could not report the checkpoint at step %s", job_id, report.step, exc_info=True)
 
         context = TrainingContext(
             job_id=job_id,
@@ -251,9 +546,39 @@ class TrainingWorker:
             should_stop=lambda: self._is_cancelled(job_id),
         )
         started = time.monotonic()
-        result = await asyncio.to_thread(method.train, context)
+        for candidate in [*candidates, None]:
+            resume_dir = None
+            if candidate is not None:
+                try:
+                    resume_dir = await asyncio.to_thread(download_checkpoint, self.store, candidate, work / "resume")
+                except CheckpointError as exc:
+                    log.warning("job %s attempt %s: the checkpoint at step %s (attempt %s) is unusable: %s; "
+                                "trying the next older one", job_id, attempt, candidate.step, candidate.attempt, exc)
+                    continue
+            resumed_from[0], trained_past[0] = (candidate.step if resume_dir is not None else 0), False
+            self.status.current_step = resumed_from[0]
+            if attempt > 1:
+                log.info("job %s attempt %s: resuming from step %s", job_id, attempt, resumed_from[0])
+            await self._publish_started(workspace_id, job_id, attempt, resumed_from[0])
+            output_dir = work / "output"
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            context.resume_from = resume_dir
+            if crash_at == 0:
+                log.error("test-only %s=0: exiting as attempt %s starts", TEST_CRASH_AT_STEP_ENV, attempt)
+                os._exit(TEST_CRASH_EXIT_CODE)
+            try:
+                result = await asyncio.to_thread(method.train, context)
+                break
+            except Exception as exc:
+                if resume_dir is None or trained_past[0]:
+                    raise
+                # Failed before finishing a step: loading the checkpoint failed. Fall back.
+                log.warning("job %s attempt %s: resuming from step %s failed (%s: %s); falling back to an "
+                            "older checkpoint or step 0", job_id, attempt, resumed_from[0], type(exc).__name__, exc,
+                            exc_info=True)
         elapsed = time.monotonic() - started
-        adapter_key = f"runs/{workspace_id}/{job_id}/attempt-{attempt}/adapter"
+        adapter_key = f"{attempt_prefix(workspace_id, job_id, attempt)}/adapter"  # never another attempt's
         await asyncio.to_thread(self.store.put_dir, result.adapter_dir, adapter_key)
         # Checkpoints and the adapter are in the artifact store now: the local copy can go.
         await asyncio.to_thread(shutil.rmtree, work, True)

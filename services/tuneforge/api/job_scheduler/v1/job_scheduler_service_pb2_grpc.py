@@ -85,6 +85,21 @@ class JobSchedulerServiceStub:
                 request_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/tuneforge.api.job_scheduler.v1.JobSchedulerService/CreateApiKey',
+                request_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/tuneforge.api.job_scheduler.v1.JobSchedulerService/ListApiKeys',
+                request_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/tuneforge.api.job_scheduler.v1.JobSchedulerService/RevokeApiKey',
+                request_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class JobSchedulerServiceServicer:
@@ -161,6 +176,27 @@ class JobSchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """Creates an API key: the administrator for any workspace, a workspace key for its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists a workspace's active API keys by prefix (never the secret or its hash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key on every service; a workspace key cannot revoke its workspace's last key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobSchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +249,21 @@ def add_JobSchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetWorkspace,
                     request_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceRequest.FromString,
                     response_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +537,87 @@ class JobSchedulerService:
             '/tuneforge.api.job_scheduler.v1.JobSchedulerService/GetWorkspace',
             tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceRequest.SerializeToString,
             tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.GetWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.job_scheduler.v1.JobSchedulerService/CreateApiKey',
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyRequest.SerializeToString,
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.job_scheduler.v1.JobSchedulerService/ListApiKeys',
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysRequest.SerializeToString,
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.job_scheduler.v1.JobSchedulerService/RevokeApiKey',
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyRequest.SerializeToString,
+            tuneforge_dot_api_dot_job__scheduler_dot_v1_dot_job__scheduler__service__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
