@@ -181,8 +181,14 @@ async def _drive(cfg: WorkerConfig) -> WorkerResult:
         result = kinds["WatchJob"]
         stub = stubs[w % len(stubs)]
         await asyncio.sleep(max(0.0, cfg.start_at - loop.time()) + 0.25 * w)
+        ended = None
         while loop.time() < end_at:
             job_id = created[-1 - (w % len(created))] if len(created) > w else cfg.job_ids[w % len(cfg.job_ids)]
+            if job_id == ended:
+                # That job has ended and no newer one is there to watch: look again in a while,
+                # as a client would (not dozens of streams a second on a finished job).
+                await asyncio.sleep(0.5)
+                continue
             result.offered += 1
             due = loop.time()
             first = None
@@ -198,6 +204,7 @@ async def _drive(cfg: WorkerConfig) -> WorkerResult:
                 await asyncio.sleep(0.2)
                 continue
             watch_streams += 1
+            ended = job_id
             if first is not None:
                 result.latencies.append(first)
             result.last_done = loop.time()

@@ -20,14 +20,14 @@ def _data_dir(args) -> Path:
 
 # -- server side -------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from tuneforge.core.service import configure_logging, run_service
+    from tuneforge.core.service import configure_logging, serve_forever
     from tuneforge.core.settings import get_settings
     from tuneforge.stack import load_service_class
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, args.service)
     service = load_service_class(args.service)(settings)
-    asyncio.run(run_service(service))
+    serve_forever(service)
     return 0
 
 

@@ -6,7 +6,6 @@ import datetime as dt
 import logging
 import sqlite3
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 from sqlalchemy import DateTime, Table, event
 from sqlalchemy.engine import make_url
@@ -75,7 +74,7 @@ class Database:
                     for index in table.indexes:
                         await conn.run_sync(lambda sync, index=index: index.create(sync, checkfirst=True))
 
-    def fast_read(self, reader: "TableReader", where: str, params: Sequence = ()) -> list[SimpleNamespace] | None:
+    def fast_read(self, reader: "TableReader", where: str, params: Sequence = ()) -> list | None:
         """Rows of ``reader``'s table matching the SQL ``where`` clause (``?`` parameters), read on
         the calling thread with the standard ``sqlite3`` module: no thread hop, no session, no ORM.
         For short reads on a hot path (a point look-up, a page). Each SELECT runs in autocommit and
@@ -104,7 +103,9 @@ class Database:
 
 class TableReader:
     """A table's SELECT for :meth:`Database.fast_read`; rows come back as attribute objects with
-    the values the ORM would give (the columns' own result processors for the SQLite dialect)."""
+    the values the ORM would give (the columns' own result processors for the SQLite dialect).
+    A value is converted when first read: a hot path that reads two columns of a row (an id and a
+    version, to find a cached message) pays for those two only."""
 
     def __init__(self, table: Table):
         from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
@@ -115,10 +116,39 @@ class TableReader:
         self.select = f"SELECT {', '.join(c.name for c in table.columns)} FROM {table.name}"
         self._processors = tuple((i, p) for i, c in enumerate(table.columns)
                                  if (p := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None)
+        index = {key: i for i, key in enumerate(self.columns)}
+        processors = dict(self._processors)
+        columns = self.columns
 
-    def convert(self, row: tuple) -> SimpleNamespace:
-        if self._processors:
-            row = list(row)
-            for i, process in self._processors:
-                row[i] = process(row[i])
-        return SimpleNamespace(**dict(zip(self.columns, row)))
+        class Row:
+            __slots__ = ("_raw", "__dict__")
+
+            def __init__(self, raw: tuple):
+                self._raw = raw
+
+            def __getattr__(self, name: str):  # a column not read yet (read ones are in __dict__)
+                i = index.get(name)
+                if i is None:
+                    raise AttributeError(f"{table.name} has no column {name!r}")
+                value = self._raw[i]
+                process = processors.get(i)
+                if process is not None:
+                    value = process(value)
+                self.__dict__[name] = value
+                return value
+
+            def __eq__(self, other):
+                if not isinstance(other, Row):
+                    return NotImplemented
+                return all(getattr(self, c) == getattr(other, c) for c in columns)
+
+            __hash__ = None
+
+            def __repr__(self) -> str:
+                return f"{table.name}({', '.join(f'{c}={getattr(self, c)!r}' for c in columns)})"
+
+        Row.__name__ = Row.__qualname__ = f"{type(self).__name__}Row"
+        self._row = Row
+
+    def convert(self, row: tuple):
+        return self._row(row)

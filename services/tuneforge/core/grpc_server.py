@@ -95,39 +95,47 @@ async def _abort_unexpected(context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the service has logged it")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, workspace: Workspace | None, admin: bool = False) -> grpc.RpcMethodHandler:
-    """Run the handler with the caller's workspace (or administrator) set and ServiceError mapped
-    to a status; an undecodable request is INVALID_ARGUMENT, an unexpected exception INTERNAL."""
+def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with ServiceError mapped to a status; an undecodable request is INVALID_ARGUMENT,
+    an unexpected exception INTERNAL. Built once per method: the caller's workspace (or
+    administrator) is in context variables that the auth interceptor sets for each call (grpc.aio
+    runs a call's interceptors and its handler in one task, so one context)."""
     streamed_requests = bool(handler.request_streaming)
 
-    def _request(request):
-        if streamed_requests:
-            return _decoded(request)
-        if isinstance(request, _Undecodable):
-            raise _undecodable_error()
-        return request
-
     def unary(fn: Callable):
-        async def behaviour(request, context):
-            _current_workspace.set(workspace)
-            _caller_is_admin.set(admin)
-            try:
-                return await fn(_request(request), context)
-            except ServiceError as error:
-                await _abort_for(error, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                await _abort_unexpected(context)
+        if streamed_requests:
+            async def behaviour(request, context):
+                try:
+                    return await fn(_decoded(request), context)
+                except ServiceError as error:
+                    await _abort_for(error, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    await _abort_unexpected(context)
+        else:
+            async def behaviour(request, context):
+                try:
+                    if request.__class__ is _Undecodable:
+                        raise _undecodable_error()
+                    return await fn(request, context)
+                except ServiceError as error:
+                    await _abort_for(error, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    await _abort_unexpected(context)
 
         return behaviour
 
     def streaming(fn: Callable):
         async def behaviour(request, context):
-            _current_workspace.set(workspace)
-            _caller_is_admin.set(admin)
             try:
-                async for item in fn(_request(request), context):
+                if streamed_requests:
+                    request = _decoded(request)
+                elif request.__class__ is _Undecodable:
+                    raise _undecodable_error()
+                async for item in fn(request, context):
                     yield item
             except ServiceError as error:
                 await _abort_for(error, context)
@@ -186,26 +194,44 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.admin_token = admin_token
         self.admin_methods = frozenset(admin_methods)
         self.admin_or_workspace_methods = frozenset(admin_or_workspace_methods)
+        # method -> (its handler, the handler wrapped by _wrap); public methods are not here
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _is_admin_token(self, token: str) -> bool:
         return bool(self.admin_token and token and hmac.compare_digest(token.encode(), self.admin_token.encode()))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(PUBLIC_PREFIXES):
-            return handler
+        method = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            # First call of this method: find and wrap its handler once (the registered handlers
+            # do not change once the server runs). An unknown method is not cached (any name).
+            handler = await continuation(details)
+            if handler is None or method.startswith(PUBLIC_PREFIXES):
+                return handler
+            wrapped = (handler, _wrap(handler))
+            self._wrapped[method] = wrapped
+        handler, wrapped_handler = wrapped
         token = _bearer(details)
         if not token:
             return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "missing API key (authorization: Bearer <key>)")
-        if details.method in self.admin_methods or details.method in self.admin_or_workspace_methods:
+        if method in self.admin_methods or method in self.admin_or_workspace_methods:
             if self._is_admin_token(token):
-                return _wrap(handler, None, admin=True)
-        workspace = await self.directory.authenticate(token)
+                _current_workspace.set(None)
+                _caller_is_admin.set(True)
+                return wrapped_handler
+        try:
+            workspace = await self.directory.authenticate(token)
+        except Exception:  # the directory's database is unreachable or locked: retryable, never UNKNOWN
+            log.exception("authentication failed for %s", details.method)
+            return _rejecting(handler, grpc.StatusCode.UNAVAILABLE, "authentication is unavailable; retry")
         if workspace is None:
             return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked API key")
-        if details.method in self.admin_methods:
+        if method in self.admin_methods:
             return _rejecting(handler, grpc.StatusCode.PERMISSION_DENIED, "administrator token required")
-        return _wrap(handler, workspace)
+        _current_workspace.set(workspace)
+        _caller_is_admin.set(False)
+        return wrapped_handler
 
 
 async def create_server(

@@ -6,6 +6,7 @@ what authentication and plan checks need in its own database (API keys only as S
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import secrets
@@ -77,6 +78,7 @@ class WorkspaceDirectory:
         self._by_key: dict[str, Workspace] = {}
         self._trusted_until: dict[str, float] = {}  # key hash -> time.monotonic() to re-check at
         self._generation = 0
+        self._lookups: dict[str, tuple[int, asyncio.Future]] = {}  # key hash -> (generation, look-up)
 
     async def apply(self, update: ev.WorkspaceUpdated) -> bool:
         """Store a workspace update unless a newer revision is already stored. Idempotent."""
@@ -106,6 +108,19 @@ class WorkspaceDirectory:
         cached = self._by_key.get(key_hash)
         if cached and time.monotonic() < self._trusted_until.get(key_hash, 0.0):
             return cached
+        # One database look-up per key at a time: when the trust of a busy key runs out, the calls
+        # that arrive meanwhile share the look-up in flight instead of each opening a session
+        # (unless an update was applied since it started: then they read for themselves).
+        pending = self._lookups.get(key_hash)
+        if pending is None or pending[0] != self._generation:
+            pending = (self._generation, asyncio.ensure_future(self._look_up(key_hash)))
+            self._lookups[key_hash] = pending
+            pending[1].add_done_callback(
+                lambda _t, key_hash=key_hash, pending=pending: self._lookups.get(key_hash) is pending
+                and self._lookups.pop(key_hash))
+        return await asyncio.shield(pending[1])
+
+    async def _look_up(self, key_hash: str) -> Workspace | None:
         generation = self._generation
         async with self.db.session() as session:
             row = (
@@ -122,9 +137,6 @@ class WorkspaceDirectory:
                 self._trusted_until = {h: t for h, t in self._trusted_until.items() if h in self._by_key}
             self._trusted_until[key_hash] = time.monotonic() + AUTH_CACHE_SECONDS
         return ws
-
-
-
 
 
 def _to_workspace(row: WorkspaceRow) -> Workspace:

@@ -45,6 +45,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobSchedulerService"].full_name
 JOBS = TableReader(JobRow.__table__)
 JOB_EVENTS = TableReader(JobEventRow.__table__)
 JOB_PROTO_CACHE = 4096  # jobs kept as built messages (JobSchedulerServicer._to_proto)
+LIST_RESPONSE_CACHE = 1024  # ListJobs pages kept as built answers (JobSchedulerServicer.ListJobs)
 
 
 
@@ -379,6 +380,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         # (job id, row version) -> pb.Job: every change of a job row bumps its version
         # (models.JobRow.version), so an entry never goes stale; bounded, oldest out first.
         self._protos: dict[tuple[str, int], pb.Job] = {}
+        self._get_responses: dict[tuple[str, int], pb.GetJobResponse] = {}  # (id, version) -> answer
+        self._list_responses: dict[tuple, pb.ListJobsResponse] = {}  # (next token, *(id, version)) -> answer
 
     # -- catalog and validation --------------------------------------------------------------
     async def ListBaseModels(self, request, context):
@@ -603,7 +606,16 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
     async def GetJob(self, request, context):
         workspace = current_workspace()
         _shed_if_expired(context)
-        return pb.GetJobResponse(job=self._to_proto(await self._read_job(request.job_id, workspace.id)))
+        job = await self._read_job(request.job_id, workspace.id)
+        # The answer itself is kept (no copy of the job into a new response per call); shared
+        # like the job messages: grpc only serializes it.
+        key = (job.id, job.version)
+        response = self._get_responses.get(key)
+        if response is None:
+            response = self._get_responses[key] = pb.GetJobResponse(job=self._to_proto(job))
+            if len(self._get_responses) > JOB_PROTO_CACHE:
+                del self._get_responses[next(iter(self._get_responses))]
+        return response
 
     async def ListJobs(self, request, context):
         workspace = current_workspace()
@@ -625,10 +637,17 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                         .limit(size + 1)
                     )
                 ).scalars().all()
-        return pb.ListJobsResponse(
-            jobs=[self._to_proto(j) for j in rows[:size]],
-            next_page_token=page.next_token(len(rows)),
-        )
+        # A page of the same jobs at the same versions is the same answer: kept, shared (grpc
+        # only serializes it), as the job messages are. Job ids are unique across workspaces.
+        token = page.next_token(len(rows))
+        key = (token, *[(j.id, j.version) for j in rows[:size]])
+        response = self._list_responses.get(key)
+        if response is None:
+            response = self._list_responses[key] = pb.ListJobsResponse(
+                jobs=[self._to_proto(j) for j in rows[:size]], next_page_token=token)
+            if len(self._list_responses) > LIST_RESPONSE_CACHE:
+                del self._list_responses[next(iter(self._list_responses))]
+        return response
 
     async def CancelJob(self, request, context):
         return await retry_stale(lambda: self._cancel(request))
