@@ -38,7 +38,6 @@ from tuneforge.training import ALL_LORA_MODULES
 log = logging.getLogger(__name__)
 S = pb.JobState
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobSchedulerService"].full_name
 # The read RPCs (GetJob, ListJobs, WatchJob) read through these: one SELECT on the event loop
 # (core.db.Database.fast_read), no session, no thread hop, no ORM objects.

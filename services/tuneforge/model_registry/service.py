@@ -28,7 +28,6 @@ from tuneforge.plugins import get_registry
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # TRL's assistant-mask markers, with or without whitespace control: ``{%- generation %}`` etc.
 _GENERATION_TAG = re.compile(r"\{%(-?)\s*(?:end)?generation\s*(-?)%\}")
 

@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-import re
 import uuid
 
 from sqlalchemy import select, update
@@ -27,7 +26,6 @@ from tuneforge.notifier.models import Base, DeliveryRow
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_ATTEMPTS = 8
 SEND_LEASE_MARGIN_SECONDS = 30.0  # a claimed delivery is retried this long after the SMTP timeout
 
