@@ -102,40 +102,31 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     runs a call's interceptors and its handler in one task, so one context)."""
     streamed_requests = bool(handler.request_streaming)
 
-    def unary(fn: Callable):
+    def checked(request):
+        """The request as the handler takes it; an undecodable one is INVALID_ARGUMENT."""
         if streamed_requests:
-            async def behaviour(request, context):
-                try:
-                    return await fn(_decoded(request), context)
-                except ServiceError as error:
-                    await _abort_for(error, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    await _abort_unexpected(context)
-        else:
-            async def behaviour(request, context):
-                try:
-                    if request.__class__ is _Undecodable:
-                        raise _undecodable_error()
-                    return await fn(request, context)
-                except ServiceError as error:
-                    await _abort_for(error, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    await _abort_unexpected(context)
+            return _decoded(request)
+        if request.__class__ is _Undecodable:
+            raise _undecodable_error()
+        return request
+
+    def unary(fn: Callable):
+        async def behaviour(request, context):
+            try:
+                return await fn(checked(request), context)
+            except ServiceError as error:
+                await _abort_for(error, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await _abort_unexpected(context)
 
         return behaviour
 
     def streaming(fn: Callable):
         async def behaviour(request, context):
             try:
-                if streamed_requests:
-                    request = _decoded(request)
-                elif request.__class__ is _Undecodable:
-                    raise _undecodable_error()
-                async for item in fn(request, context):
+                async for item in fn(checked(request), context):
                     yield item
             except ServiceError as error:
                 await _abort_for(error, context)
