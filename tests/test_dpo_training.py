@@ -234,7 +234,8 @@ def test_worker_keeps_finite_metrics_only():
 
 
 def test_pairs_convert_to_trl_conversational_format():
-    from tuneforge_builtin.dpo import preference_dataset, preference_pair
+    from tuneforge.training import template_row
+    from tuneforge_builtin.dpo import preference_pair
 
     universal, _, _, legacy = make_pairs(4)
     pair = preference_pair(universal, "train example 1")
@@ -257,17 +258,110 @@ def test_pairs_convert_to_trl_conversational_format():
     with pytest.raises(ValueError, match="not a preference pair"):
         preference_pair({"messages": [{"role": "user", "content": "q"}]}, "x")
 
-    # Two different tools across rows: no struct unification (no null keys, no lost tools column).
+    # Two different tools across rows: each pair renders its own tools and calls.
     search_call = {"id": "c9", "type": "function",
                    "function": {"name": "search_web", "arguments": json.dumps({"query": "q", "limit": 3})}}
     search = {"input": {"messages": [{"role": "user", "content": "Find q."}], "tools": [SEARCH_TOOL]},
               "preferred_output": [{"role": "assistant", "content": "", "tool_calls": [search_call]}],
               "non_preferred_output": "no"}
-    rows = [legacy, universal, search]
-    pairs = [preference_pair(r, "x") for r in rows]
-    dataset = preference_dataset(pairs)
-    for i, expected in enumerate(pairs):
-        assert {k: dataset[i][k] for k in ("prompt", "chosen", "rejected", "tools")} == expected
+    pairs = [preference_pair(template_row(r), "x") for r in (legacy, universal, search)]
+    assert pairs[2]["tools"] == [SEARCH_TOOL] and pairs[1]["tools"] == [WEATHER_TOOL]
+
+
+def test_pairs_tokenise_like_trl(spec, standin_dir, data_files, tokenizer, tmp_path):
+    """TRL's DPOTrainer dataset processing against ``tokenize_pair`` (prompt, chosen and rejected
+    ids of every training pair)."""
+    from datasets import Dataset, Features, Json, List
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneforge_builtin.dpo import read_pairs, tokenize_pair
+
+    pairs = read_pairs(data_files[0], "train")
+    features = Features({k: List(Json()) for k in ("prompt", "chosen", "rejected", "tools")})
+    dataset = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected", "tools")},
+                                features=features)
+    model = AutoModelForCausalLM.from_pretrained(str(standin_dir))
+    trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=None))
+    ours = [tokenize_pair(p, tokenizer, None) for p in pairs]
+    theirs = [{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in trainer.train_dataset]
+    assert ours == theirs
+    assert any('"name": "get_weather"' in tokenizer.decode(o["prompt_ids"]) for o in ours)
+
+
+def test_packed_dpo_loss_equals_trl(spec, standin_dir, data_files, tokenizer, tmp_path):
+    """One batch through TRL's DPOTrainer (padded, reference forward with the adapter disabled) and
+    through the packed trainer (reference precomputed, LM head on completion tokens only): the same
+    loss, rewards and gradients. The adapter starts non-zero so that policy and reference differ."""
+    import torch
+    from datasets import Dataset, Features, Json, List
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneforge_builtin import packed
+    from tuneforge_builtin.dpo import (
+        PreferenceCollator,
+        precompute_reference,
+        preference_trainer_class,
+        read_pairs,
+        tokenize_pair,
+    )
+
+    pairs = read_pairs(data_files[0], "train")[:6]
+    features = Features({k: List(Json()) for k in ("prompt", "chosen", "rejected", "tools")})
+    dataset = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected", "tools")},
+                                features=features)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=list(ATTENTION),
+                task_type="CAUSAL_LM")
+
+    def trl_side():
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_pretrained(str(standin_dir))
+        trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                             peft_config=LoraConfig(**lora),
+                             args=DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[],
+                                            max_length=None, beta=BETA, loss_type=["sigmoid"]))
+        trainer.model.train()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return loss.detach(), trainer._metrics["train"]["rewards/margins"][-1], grads, weights
+
+    def packed_side(weights):
+        from peft import get_peft_model
+
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_pretrained(str(standin_dir), attn_implementation=packed.register_attention())
+        model = get_peft_model(model, LoraConfig(**lora))
+        with torch.no_grad():  # the same adapter as TRL's side
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[n])
+        trainer = preference_trainer_class()(
+            model=model, args=TrainingArguments(output_dir=str(tmp_path / "ours"), use_cpu=True, report_to=[],
+                                                remove_unused_columns=False),
+            data_collator=PreferenceCollator(), beta=BETA)
+        rows = precompute_reference(model, [tokenize_pair(p, tokenizer, None) for p in pairs], 4, "cpu")
+        model.train()
+        loss = trainer.compute_loss(model, PreferenceCollator()(rows))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), trainer._dpo_metrics["train"]["rewards/margins"][-1], grads
+
+    trl_loss, trl_margin, trl_grads, weights = trl_side()
+    our_loss, our_margin, our_grads = packed_side(weights)
+    assert abs(float(trl_loss) - math.log(2)) > 1e-3  # the policy really differs from the reference
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-4, atol=1e-5)
+    assert our_margin == pytest.approx(trl_margin, rel=1e-3, abs=1e-5)
+    assert trl_grads.keys() == our_grads.keys() and trl_grads
+    for name in trl_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_prepared_trainer_uses_the_base_model_as_reference(spec, standin_dir, data_files, tokenizer, tmp_path):
@@ -282,8 +376,7 @@ def test_prepared_trainer_uses_the_base_model_as_reference(spec, standin_dir, da
     hp = hyperparameters(learning_rate=3e-3, batch_size=4)
     prepared, options = DPO.prepare(make_context(spec, standin_dir, data_files, tmp_path / "run", hyperparameters=hp))
     trainer = prepared.trainer
-    assert options == {"beta": BETA}
-    assert trainer.ref_model is None
+    assert options == {"beta": BETA} and trainer.beta == BETA
     assert isinstance(trainer.model, PeftModel) and list(trainer.model.peft_config) == ["default"]
     base = AutoModelForCausalLM.from_pretrained(str(standin_dir))
     lora = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
@@ -291,15 +384,15 @@ def test_prepared_trainer_uses_the_base_model_as_reference(spec, standin_dir, da
     assert sum(p.numel() for p in trainer.model.parameters()) == sum(p.numel() for p in base.parameters()) + lora
 
     args = trainer.args
-    assert args.learning_rate == 3e-3 and args.beta == BETA  # TRL's DPO default rate is 1e-6
+    assert args.learning_rate == 3e-3  # TRL's DPO default rate is 1e-6
     assert args.per_device_train_batch_size == 4  # preference pairs per step
-    assert args.precompute_ref_log_probs and not args.disable_dropout and not args.bf16
+    assert not args.bf16
     q_proj = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.lora_dropout["default"].p == 0.1  # lora_dropout is not zeroed by TRL
     assert q_proj.r["default"] == 8 and q_proj.scaling["default"] == 2.0  # alpha 16 / rank 8
 
     for dataset in (trainer.train_dataset, trainer.eval_dataset):
-        assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names)
+        assert all({"ref_chosen_logps", "ref_rejected_logps"} <= set(row) for row in dataset)
     # The tool-call pair: tools rendered into the prompt, the call as the chosen completion.
     first = trainer.train_dataset[0]
     assert '"name": "get_weather"' in tokenizer.decode(first["prompt_ids"])
@@ -313,7 +406,7 @@ def test_prepared_trainer_uses_the_base_model_as_reference(spec, standin_dir, da
     for i, (chosen, rejected) in enumerate(expected):
         assert trainer.train_dataset[i]["ref_chosen_logps"] == pytest.approx(chosen, rel=1e-4)
         assert trainer.train_dataset[i]["ref_rejected_logps"] == pytest.approx(rejected, rel=1e-4)
-    assert torch.isfinite(torch.tensor(trainer.train_dataset["ref_rejected_logps"])).all()
+    assert torch.isfinite(torch.tensor([row["ref_rejected_logps"] for row in trainer.train_dataset])).all()
 
 
 # ---------------------------------------------------------------------------------------------

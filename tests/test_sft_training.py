@@ -286,16 +286,6 @@ def test_standin_is_deterministic(spec, tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_datasets_keep_tool_calls_intact():
-    from tuneforge_builtin.sft import ROW_CONVERSATION, build_dataset
-
-    rows = make_conversations(8)
-    dataset = build_dataset(rows, ROW_CONVERSATION)
-    for i, row in enumerate(rows):
-        assert dataset[i]["messages"] == row["messages"]  # no null keys from other rows' tools
-        assert dataset[i]["tools"] == row.get("tools")
-
-
 # ---------------------------------------------------------------------------------------------
 # (b) assistant-only mask
 
@@ -522,10 +512,9 @@ def test_cancellation_stops_and_saves_adapter(spec, standin_dir, data_files, tmp
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from tuneforge_builtin.sft import _trainer_classes
-    from tuneforge_builtin.trl_common import RunState
+    from tuneforge_builtin.trl_common import RunState, callback_classes
 
-    _, schedule_cls, _ = _trainer_classes()
+    schedule_cls, _ = callback_classes()
     run = RunState()
     callback = schedule_cls(run, 10, 1, 2, tmp_path, lambda: False, lambda report: None)
     state = TrainerState(max_steps=100)

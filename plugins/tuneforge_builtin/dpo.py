@@ -1,19 +1,23 @@
-"""DPO method plugin: direct preference optimisation with LoRA through TRL's ``DPOTrainer``.
+"""DPO method plugin: direct preference optimisation with LoRA, padding-free (TRL's loss and metrics).
 
 Data: the dataset builder's preference snapshot, one pair a line:
 ``{"input": {"messages": [...], "tools": [...]?}, "preferred_output": [assistant messages],
 "non_preferred_output": [assistant messages]}`` (``{"prompt", "chosen", "rejected"}`` with strings
-or message lists is read too). Each pair becomes TRL's conversational ``prompt`` / ``chosen`` /
-``rejected`` (+ ``tools``), rendered with the base model's training chat template; the loss is on
-the two completions only, so ``train_on_inputs`` does not apply.
+or message lists is read too). Each pair is tokenised once, as TRL's ``DPOTrainer`` tokenises it
+(:func:`tokenize_pair`, tested against it): the prompt with the base model's training chat template
+and generation prompt, each output after it; the loss is on the two outputs only, so
+``train_on_inputs`` does not apply.
 
+Fast path (:mod:`tuneforge_builtin.packed`): a batch's prompt+chosen and prompt+rejected sequences
+go through the model as one padding-free row with attention kept inside each sequence, and the LM
+head runs only on output tokens. The loss is TRL's ``sigmoid`` DPO loss with TRL's metric names;
+``tests/test_dpo_training.py`` checks loss, rewards and gradients equal ``DPOTrainer``'s on a batch.
 The reference model is the base model with the adapter disabled (no second copy of the weights);
-its log-probabilities are computed once, before training, for the train and test splits
-(``precompute_ref_log_probs``). Every shared hyperparameter means what it means for SFT: the
+its log-probabilities are computed once, before training, for the train and test splits.
+Every shared hyperparameter means what it means for SFT: the
 learning-rate schedule, ``n_evals`` evaluations on the test split, early stopping on the eval
 (DPO) loss, ``n_checkpoints``, ``batch_size`` = preference pairs per optimiser step, the LoRA shape
-(``lora_dropout`` included: TRL's ``disable_dropout`` is turned off so it is not silently
-zeroed), seed, ``max_epochs`` — see :mod:`tuneforge_builtin.trl_common`.
+(``lora_dropout`` included), seed, ``max_epochs`` — see :mod:`tuneforge_builtin.trl_common`.
 
 Options: ``beta`` (default 0.1, range (0, 10]): the strength of the implicit KL penalty that keeps
 the tuned model near the reference; larger values stay closer to the base model.
@@ -30,6 +34,7 @@ the reference is ln 2 by construction. Heavy imports happen inside functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -116,15 +121,153 @@ def read_pairs(path, split: str) -> list[dict[str, Any]]:
     return [preference_pair(row, f"{split} example {n}") for n, row in enumerate(read_jsonl(path), 1)]
 
 
-def preference_dataset(pairs: list[dict[str, Any]]):
-    """A ``datasets.Dataset`` of conversational pairs. Messages and tools are JSON values: struct
-    inference across rows corrupts tool calls (STACK-NOTES)."""
-    from datasets import Dataset, Features, Json, List
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    features = Features({"prompt": List(Json()), "chosen": List(Json()), "rejected": List(Json()),
-                         "tools": List(Json())})
-    columns = {key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected", "tools")}
-    return Dataset.from_dict(columns, features=features)
+
+def tokenize_pair(pair: dict[str, Any], tokenizer, max_length: int | None) -> dict[str, list[int]] | None:
+    """``prompt_ids``/``chosen_ids``/``rejected_ids`` of one pair, as TRL's ``DPOTrainer`` makes
+    them: the prompt rendered with the generation prompt, each completion = the rendered prompt +
+    completion after their common prefix with it; ``max_length`` cuts prompt + completion from the
+    end (``keep_start``). None when the prompt alone fills ``max_length`` (nothing to learn)."""
+
+    def ids(messages, **kwargs) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tools=pair.get("tools") or None, tokenize=True,
+                                            return_dict=True, **kwargs)
+        return list(out["input_ids"])
+
+    prompt = ids(pair["prompt"], add_generation_prompt=True)
+    chosen = ids(pair["prompt"] + pair["chosen"])
+    rejected = ids(pair["prompt"] + pair["rejected"])
+    n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    prompt_ids, chosen_ids, rejected_ids = prompt[:n], chosen[n:], rejected[n:]
+    if max_length:
+        if len(prompt_ids) >= max_length:
+            return None
+        room = max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+
+
+def sequences(pairs: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """A batch of tokenised pairs as the sequences of one packed row: every pair's prompt + chosen,
+    then every pair's prompt + rejected; labels only on the completions."""
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        for pair in pairs:
+            prompt, completion = pair["prompt_ids"], pair[key]
+            out.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+    return out
+
+
+class PreferenceCollator:
+    """Pairs (with ``ref_chosen_logps``/``ref_rejected_logps`` once precomputed) → one packed row."""
+
+    def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from tuneforge_builtin import packed
+
+        batch = packed.pack(sequences(pairs))
+        if "ref_chosen_logps" in pairs[0]:
+            batch["ref_chosen_logps"] = torch.tensor([p["ref_chosen_logps"] for p in pairs], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([p["ref_rejected_logps"] for p in pairs], dtype=torch.float32)
+        return batch
+
+
+def sequence_logps(model, batch):
+    """Summed log-probabilities of each packed sequence's label tokens (``[n sequences]``), the LM
+    head run on those positions only."""
+    import torch
+
+    from tuneforge_builtin import packed
+
+    positions, targets = packed.loss_positions(batch["labels"])
+    logits = packed.logits_at(model, batch, positions).float()
+    token_logps = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    cu = batch["cu_seq_lens_q"].to(positions.device).long()
+    which = torch.bucketize(positions, cu[1:], right=True)
+    return torch.zeros(cu.numel() - 1, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, which, token_logps)
+
+
+def precompute_reference(model, pairs: list[dict[str, Any]], batch_size: int, device) -> list[dict[str, Any]]:
+    """The reference (base model: adapter disabled) log-probabilities of every pair, computed once,
+    packed, without gradients."""
+    import torch
+
+    collate = PreferenceCollator()
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad(), model.disable_adapter():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(chunk).items()}
+                logps = sequence_logps(model, batch).cpu().tolist()
+                n = len(chunk)
+                out += [{**p, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                        for p, c, r in zip(chunk, logps[:n], logps[n:], strict=True)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@functools.cache
+def preference_trainer_class() -> type:
+    """The packed trainer with the DPO (sigmoid) loss against precomputed reference log-probs,
+    and TRL's metric names (``rewards/chosen``, ``rewards/accuracies``, ...)."""
+    import collections
+
+    import torch
+
+    from tuneforge_builtin import packed
+
+    class PackedDPOTrainer(packed.packed_trainer_class()):
+        beta = 0.1
+
+        def __init__(self, *args, beta: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.beta = beta
+            self.model_accepts_loss_kwargs = False  # mean over pairs: the trainer scales for accumulation
+            self._dpo_metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logps = sequence_logps(model, inputs)
+            n = inputs["ref_chosen_logps"].numel()
+            chosen, rejected = logps[:n], logps[n:]
+            chosen_ratio = chosen - inputs["ref_chosen_logps"]
+            rejected_ratio = rejected - inputs["ref_rejected_logps"]
+            loss = -torch.nn.functional.logsigmoid(self.beta * (chosen_ratio - rejected_ratio)).mean()
+            mode = "train" if model.training else "eval"
+            if model.training:
+                self.real_tokens_seen += int(inputs["input_ids"].numel())
+            with torch.no_grad():
+                chosen_rewards, rejected_rewards = self.beta * chosen_ratio, self.beta * rejected_ratio
+                m = self._dpo_metrics[mode]
+                m["rewards/chosen"].append(chosen_rewards.mean().item())
+                m["rewards/rejected"].append(rejected_rewards.mean().item())
+                m["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+                m["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+                m["logps/chosen"].append(chosen.mean().item())
+                m["logps/rejected"].append(rejected.mean().item())
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            mode = "train" if self.model.training else "eval"
+            prefix = "eval_" if mode == "eval" else ""
+            # In place: the evaluation's callbacks and return value see the same dict (as TRL's).
+            logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in self._dpo_metrics[mode].items() if v})
+            self._dpo_metrics[mode].clear()
+            return super().log(logs, *args, **kwargs)
+
+    return PackedDPOTrainer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,9 +301,12 @@ class DirectPreferenceOptimisation:
         return dataclasses.replace(result, metrics=metrics)
 
     def prepare(self, context: TrainingContext) -> tuple[trl_common.PreparedRun, dict[str, Any]]:
-        """Data, model and a ready ``DPOTrainer`` for ``context`` (nothing trained yet; the
-        reference log-probabilities are computed already)."""
-        from trl import DPOConfig, DPOTrainer
+        """Data, model and a ready trainer for ``context`` (nothing trained yet; the reference
+        log-probabilities are computed already): pairs tokenised once, packed without padding
+        (:mod:`tuneforge_builtin.packed`), the LM head only on completion tokens."""
+        from transformers import TrainingArguments
+
+        from tuneforge_builtin import packed
 
         options = self.validate_options(context.method_options)
         hp = context.hyperparameters
@@ -175,30 +321,45 @@ class DirectPreferenceOptimisation:
             raise ValueError("the training split has no preference pairs")
 
         device = trl_common.detect_device()
-        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device)
+        speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
+        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device,
+                                                               attn_implementation=speed.attention)
         max_length = trl_common.max_sequence_length(model, context.base_model)
-        train_dataset = preference_dataset(train_pairs)
-        eval_dataset = preference_dataset(test_pairs) if test_pairs else None
+        log.info("job %s: %s; reference log-probabilities computed once", context.job_id, speed.describe())
+
+        def tokenized(pairs, split):
+            out = [t for t in (tokenize_pair(p, tokenizer, max_length) for p in pairs) if t is not None]
+            if len(out) < len(pairs):
+                log.warning("job %s: %d %s pairs skipped: the prompt alone fills max_length %d",
+                            context.job_id, len(pairs) - len(out), split, max_length)
+            return out
+
+        train_dataset = tokenized(train_pairs, "train")
+        eval_dataset = tokenized(test_pairs, "test") or None
+        if not train_dataset:
+            raise ValueError(f"no training pair fits max_length {max_length}")
         n_evals = hp.n_evals if eval_dataset is not None else 0
 
         total_steps = planned_total_steps(len(train_dataset), hp.batch_size, hp.max_epochs)
-        config = DPOConfig(
+        config = TrainingArguments(
             **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
-            beta=options["beta"],
-            loss_type=["sigmoid"],  # the DPO paper's loss
-            max_length=max_length,
-            truncation_mode="keep_start",
-            padding_free=False,
-            precompute_ref_log_probs=True,  # one reference pass before training (same losses, faster)
-            disable_dropout=False,  # keep lora_dropout as given (the base models have no dropout)
+            remove_unused_columns=False,
+            prediction_loss_only=True,
         )
         prepared = trl_common.prepare_trainer(
-            DPOTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
+            preference_trainer_class(), context, paths, model=model, tokenizer=tokenizer, config=config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
-            ref_model=None,  # with a peft_config: the base with the adapter disabled
+            data_collator=PreferenceCollator(), peft_by_trainer=False, beta=options["beta"],
             # The base's DPO loss against itself is ln 2: compare greedy samples, not losses.
             evaluation_set=evaluation.preference_evaluation_set(test_pairs), evaluate_base_loss=False,
         )
+        trainer = prepared.trainer
+        reference_batch = max(hp.batch_size, 8)
+        trainer.train_dataset = precompute_reference(trainer.model, train_dataset, reference_batch, trainer.args.device)
+        if eval_dataset is not None:
+            trainer.eval_dataset = precompute_reference(trainer.model, eval_dataset, reference_batch,
+                                                        trainer.args.device)
+        prepared.speed = speed
         return prepared, options
 
 

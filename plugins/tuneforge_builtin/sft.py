@@ -1,4 +1,4 @@
-"""SFT method plugin: supervised fine-tuning with LoRA through TRL's ``SFTTrainer``.
+"""SFT method plugin: supervised fine-tuning with LoRA, padding-free (:mod:`tuneforge_builtin.packed`).
 
 Data: universal-format JSONL, one example a line: ``{"messages": [...], "tools": [...]?}``
 (OpenAI chat format), ``{"prompt": ..., "completion": ...}`` (strings or message lists) or
@@ -14,13 +14,12 @@ happen inside functions: this module is imported by services that never load tor
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any
 
 from tuneforge.hookspecs import hookimpl
 from tuneforge.training import DATASET_KIND_CONVERSATIONS, TrainingContext, TrainingResult
-from tuneforge_builtin import evaluation, trl_common
+from tuneforge_builtin import evaluation, packed, trl_common
 from tuneforge_builtin.trl_common import planned_total_steps, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -99,37 +98,7 @@ def has_assistant_turn(messages: list[dict[str, Any]]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset building (datasets imported lazily).
-
-
-def _conversation_features():
-    from datasets import Features, Json, List
-
-    # Struct inference across rows corrupts tool calls (STACK-NOTES): keep messages and tools as
-    # JSON values.
-    return Features({"messages": List(Json()), "tools": List(Json())})
-
-
-def build_dataset(rows: list[dict[str, Any]], kind: str):
-    """A ``datasets.Dataset`` in the layout TRL expects for one homogeneous format."""
-    from datasets import Dataset, Features, Json, List
-
-    if kind == ROW_CONVERSATION:
-        data = {"messages": [r["messages"] for r in rows], "tools": [r.get("tools") or None for r in rows]}
-        return Dataset.from_dict(data, features=_conversation_features())
-    if kind == ROW_CONVERSATIONAL_PROMPT_COMPLETION:
-        features = Features({"prompt": List(Json()), "completion": List(Json()), "tools": List(Json())})
-        data = {
-            "prompt": [r["prompt"] for r in rows],
-            "completion": [r["completion"] for r in rows],
-            "tools": [r.get("tools") or None for r in rows],
-        }
-        return Dataset.from_dict(data, features=features)
-    if kind == ROW_PROMPT_COMPLETION:
-        return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]})
-    if kind == ROW_TEXT:
-        return Dataset.from_dict({"text": [r["text"] for r in rows]})
-    raise ValueError(f"unknown row kind {kind!r}")
+# Tokenisation (datasets imported lazily).
 
 
 def has_message_weights(rows: list[dict[str, Any]]) -> bool:
@@ -202,26 +171,19 @@ def tokenize_row(row: dict[str, Any], kind: str, tokenizer, rule: LossRule) -> d
     return {"input_ids": ids, "labels": [-100] * prefix + ids[prefix:]}
 
 
-def pretokenized_dataset(rows: list[dict[str, Any]], kinds: list[str], tokenizer, rule: LossRule):
+def pretokenized_dataset(rows: list[dict[str, Any]], kinds: list[str], tokenizer, rule: LossRule,
+                         max_length: int | None = None):
+    """``input_ids``/``labels`` of every example, tokenised once; longer than ``max_length``
+    tokens: cut to it (the dataset builder drops over-length examples before, so this is a guard)."""
     from datasets import Dataset
 
     encoded = [tokenize_row(row, kind, tokenizer, rule) for row, kind in zip(rows, kinds, strict=True)]
+    if max_length:
+        encoded = [{k: v[:max_length] for k, v in e.items()} for e in encoded]
     return Dataset.from_dict({
         "input_ids": [e["input_ids"] for e in encoded],
         "labels": [e["labels"] for e in encoded],
     })
-
-
-# ----------------------------------------------------------------------------------------------
-# Trainer pieces (transformers/trl imported lazily, classes built once).
-
-
-@functools.cache
-def _trainer_classes():
-    """``(ScheduledSFTTrainer, ScheduleCallback, ProgressCallback)``."""
-    from trl import SFTTrainer
-
-    return (trl_common.scheduled_trainer_class(SFTTrainer), *trl_common.callback_classes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,9 +211,8 @@ class SupervisedFineTuning:
         return dataclasses.replace(result, metrics=metrics)
 
     def prepare(self, context: TrainingContext) -> tuple[trl_common.PreparedRun, LossRule]:
-        """Data, model and a ready ``SFTTrainer`` for ``context`` (nothing trained yet)."""
-        from trl import SFTConfig
-
+        """Data, model and a ready trainer for ``context`` (nothing trained yet): padding-free
+        batches (:mod:`tuneforge_builtin.packed`) of examples tokenised once here."""
         self.validate_options(context.method_options)
         hp = context.hyperparameters
         paths = trl_common.RunPaths.for_context(context)
@@ -281,40 +242,35 @@ class SupervisedFineTuning:
 
         # --- model and tokenizer
         device = trl_common.detect_device()
-        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device)
+        speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
+        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device,
+                                                               attn_implementation=speed.attention)
         max_length = trl_common.max_sequence_length(model, context.base_model)
+        log.info("job %s: %s", context.job_id, speed.describe())
 
+        # --- tokenised once, here: input ids and labels (-100 where no loss), the same tokens and
+        # masks TRL's SFTTrainer would make (tests/test_packed.py)
         weighted = rule.assistant_only and has_message_weights(train_rows + test_rows)
         if weighted:
             log.info("job %s: assistant messages weighted by their `weight` (0 or 1)", context.job_id)
-        if len(kinds) == 1 and not weighted:
-            (kind,) = kinds
-            train_dataset = build_dataset(train_rows, kind)
-            eval_dataset = build_dataset(test_rows, kind) if test_rows else None
-            assistant_only_loss = rule.assistant_only and kind == ROW_CONVERSATION
-            completion_only_loss = rule.completion_only if kind != ROW_CONVERSATION and kind != ROW_TEXT else None
-        else:
-            log.info("job %s: %s, tokenising per example", context.job_id,
-                     "message weights" if weighted else f"mixed example formats {sorted(kinds)}")
-            train_dataset = pretokenized_dataset(train_rows, train_kinds, tokenizer, rule)
-            eval_dataset = pretokenized_dataset(test_rows, test_kinds, tokenizer, rule) if test_rows else None
-            assistant_only_loss, completion_only_loss = False, False
+        train_dataset = pretokenized_dataset(train_rows, train_kinds, tokenizer, rule, max_length)
+        eval_dataset = pretokenized_dataset(test_rows, test_kinds, tokenizer, rule, max_length) if test_rows else None
         n_evals = hp.n_evals if eval_dataset is not None else 0
 
         total_steps = planned_total_steps(len(train_dataset), hp.batch_size, hp.max_epochs)
-        config = SFTConfig(
-            **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
-            max_length=max_length,
-            packing=False,
-            assistant_only_loss=assistant_only_loss,
-            completion_only_loss=completion_only_loss,
-        )
-        from trl import SFTTrainer
+        from transformers import TrainingArguments
 
+        config = TrainingArguments(
+            **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
+            remove_unused_columns=False,  # the collator takes input_ids and labels
+            prediction_loss_only=True,
+        )
         prepared = trl_common.prepare_trainer(
-            SFTTrainer, context, paths, model=model, tokenizer=tokenizer, config=config,
+            packed.packed_trainer_class(), context, paths, model=model, tokenizer=tokenizer, config=config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
+            data_collator=packed.PackedCollator(), peft_by_trainer=False,
             evaluation_set=evaluation.conversation_evaluation_set(test_rows), evaluate_base_loss=True)
+        prepared.speed = speed
         return prepared, rule
 
 

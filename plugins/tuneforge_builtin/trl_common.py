@@ -153,9 +153,11 @@ def detect_device() -> Device:
     return Device(use_cuda=use_cuda, bf16=use_cuda and torch.cuda.is_bf16_supported())
 
 
-def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: Device):
+def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: Device,
+                             attn_implementation: str | None = None):
     """The base model and its tokenizer from the local model store, with the spec's training
-    chat template. The seed is set before the model (and later the adapter) is built."""
+    chat template. The seed is set before the model (and later the adapter) is built.
+    ``attn_implementation``: e.g. ``packed.choose_attention(...)`` for padding-free training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from tuneforge.trainer.model_import import check_safe_model_dir
@@ -167,8 +169,9 @@ def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: 
     if context.base_model.training_chat_template:
         tokenizer.chat_template = context.base_model.training_chat_template
     set_seed(context.seed)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=device.dtype, trust_remote_code=False,
-                                                 use_safetensors=True)
+                                                 use_safetensors=True, **extra)
     return model, tokenizer
 
 
@@ -414,25 +417,34 @@ class PreparedRun:
     # What to generate after training to compare with the base model (None: no comparison).
     evaluation_set: Any = None  # an ``evaluation.EvaluationSet``
     evaluate_base_loss: bool = False  # also the base model's eval loss (SFT; DPO's would be ln 2)
+    speed: Any = None  # a ``packed.SpeedSettings`` when the method trains padding-free
 
 
 def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPaths, *, model, tokenizer, config,
                     train_dataset, eval_dataset, n_evals: int, evaluation_set=None, evaluate_base_loss: bool = False,
-                    **trainer_kwargs) -> PreparedRun:
+                    peft_by_trainer: bool = True, **trainer_kwargs) -> PreparedRun:
     """A TRL trainer of ``trainer_base`` (SFTTrainer, DPOTrainer, ...) with the product's learning
     rate schedule, LoRA from the hyperparameters, the schedule/progress callbacks, no console
     output and the adapter anchored to the base model's absolute path. ``evaluation_set`` and
     ``evaluate_base_loss``: the comparison with the base model after training
-    (:mod:`tuneforge_builtin.evaluation`)."""
+    (:mod:`tuneforge_builtin.evaluation`). ``peft_by_trainer``: the trainer (TRL's) adds the
+    LoRA adapter from ``peft_config``; otherwise (a plain ``transformers.Trainer``) it is added here,
+    unless ``model`` is a ``PeftModel`` already."""
     hp = context.hyperparameters
     run = RunState()
+    if peft_by_trainer:
+        trainer_kwargs["peft_config"] = lora_config(hp, context.base_model)
+    else:
+        from peft import PeftModel, get_peft_model
+
+        if not isinstance(model, PeftModel):
+            model = get_peft_model(model, lora_config(hp, context.base_model))
     trainer = scheduled_trainer_class(trainer_base)(
         model=model,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(hp, context.base_model),
         warmup_ratio=hp.warmup_ratio,
         lr_peak_ratio=hp.lr_peak_ratio,
         callbacks=callbacks(run, context, paths, n_evals),
@@ -489,6 +501,8 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
         metrics["best_eval_loss"] = min(run.best_eval_loss, eval_loss if eval_loss is not None else math.inf)
     if run.tokens_per_second is not None:
         metrics["tokens_per_second"] = run.tokens_per_second
+    if prepared.speed is not None:
+        metrics.update(prepared.speed.metrics())
     if comparison is not None:
         metrics.update(comparison.metrics)
     return TrainingResult(
