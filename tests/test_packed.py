@@ -215,3 +215,38 @@ def test_empty_loss_batch_is_a_zero_loss_with_a_graph(standin):
     loss, count = packed.token_loss_sum(fast, batch)
     assert count == 0 and float(loss.detach()) == 0.0
     loss.backward()  # no error: the graph is connected
+
+
+def test_large_batch_split_into_forwards_gives_the_same_gradients(standin, tmp_path):
+    """A batch over the token budget trains as several forwards (cut at example boundaries) with
+    the same loss and gradients as one."""
+    from transformers import TrainingArguments
+
+    from tuneforge_builtin import packed
+
+    spec, model_dir = standin
+    examples = encoded(load(model_dir, "sdpa", spec)[1], conversations())
+    batch = packed.pack(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    budget = max(lengths) + 1
+    rows = packed.split_row(batch, budget)
+    assert len(rows) > 1 and all(r["input_ids"].shape[1] <= budget for r in rows)
+    assert torch.equal(torch.cat([r["input_ids"] for r in rows], dim=1), batch["input_ids"])
+    assert sum(len(r["cu_seq_lens_q"]) - 1 for r in rows) == len(examples)
+
+    results = []
+    for max_tokens in (0, budget):
+        model = with_lora(load(model_dir, packed.register_attention(), spec)[0])
+        trainer = packed.packed_trainer_class()(
+            model=model, args=TrainingArguments(output_dir=str(tmp_path / str(max_tokens)), use_cpu=True,
+                                                report_to=[], remove_unused_columns=False))
+        trainer.max_tokens_per_forward = max_tokens
+        trainer.current_gradient_accumulation_steps = 1  # set by train(); as the trainer calls it:
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        loss = trainer.training_step(model, packed.pack(examples), num_items_in_batch=count)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads))
+    (whole, whole_grads), (split, split_grads) = results
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    for name in whole_grads:
+        torch.testing.assert_close(split_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)

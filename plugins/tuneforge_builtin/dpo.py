@@ -231,6 +231,7 @@ def preference_trainer_class() -> type:
 
     class PackedDPOTrainer(packed.packed_trainer_class()):
         beta = 0.1
+        max_tokens_per_forward = 0  # a row holds whole pairs (chosen and rejected): never cut
 
         def __init__(self, *args, beta: float, **kwargs):
             super().__init__(*args, **kwargs)

@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "tuneforge_varlen"
 IGNORE = -100
+# A batch with more tokens than this trains as several forwards (gradients accumulated, the same
+# loss); the fastest setting for batches below it is one row (measured on CPU).
+MAX_TOKENS_PER_FORWARD = int(os.environ.get("TUNEFORGE_MAX_TOKENS_PER_FORWARD", "16384"))
 CU_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # Set while a packed forward builds its masks: the varlen attention needs none, so the mask
@@ -182,6 +186,35 @@ class PackedCollator:
         return pack(features)
 
 
+def split_row(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
+    """A packed row cut at example boundaries into rows of at most ``max_tokens`` tokens (an
+    example longer than that stays whole, alone), for batches too large for one forward."""
+    import torch
+
+    bounds = batch["cu_seq_lens_q"].tolist()
+    total = bounds[-1]
+    if max_tokens <= 0 or total <= max_tokens:
+        return [batch]
+    groups: list[tuple[int, int]] = []
+    start = bounds[0]
+    for a, b in zip(bounds, bounds[1:]):
+        if b - start > max_tokens and a > start:
+            groups.append((start, a))
+            start = a
+    groups.append((start, total))
+    out = []
+    for s, e in groups:
+        cu = [b - s for b in bounds if s <= b <= e]
+        cu_tensor = torch.tensor(cu, dtype=torch.int32, device=batch["cu_seq_lens_q"].device)
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        out.append({
+            "input_ids": batch["input_ids"][:, s:e], "labels": batch["labels"][:, s:e],
+            "position_ids": batch["position_ids"][:, s:e], "cu_seq_lens_q": cu_tensor, "cu_seq_lens_k": cu_tensor,
+            "max_length_q": longest, "max_length_k": longest,
+        })
+    return out
+
+
 def loss_positions(labels):
     """Positions ``t`` of a packed row (``labels`` ``[1, L]``) whose logits predict a loss token
     ``labels[t + 1]``, and those targets."""
@@ -233,6 +266,18 @@ def packed_trainer_class() -> type:
 
     class PackedTrainer(Trainer):
         real_tokens_seen = 0
+        max_tokens_per_forward = MAX_TOKENS_PER_FORWARD
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """A batch larger than ``max_tokens_per_forward`` tokens runs as several forwards and
+            backwards (cut at example boundaries), each loss divided by the whole batch's loss-token
+            count: the same gradient as one forward, in bounded memory."""
+            rows = split_row(inputs, self.max_tokens_per_forward) if "cu_seq_lens_q" in inputs else [inputs]
+            if len(rows) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE).sum())
+            return sum(super(PackedTrainer, self).training_step(model, row, num_items_in_batch) for row in rows)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, count = token_loss_sum(model, inputs)
