@@ -1,6 +1,7 @@
 """Dataset-builder throughput: import + validate + build N generated support conversations.
 
     python benchmarks/dataset_build.py [--n 100000] [--repeats 2] [--baseline-sample 10000] [--keep]
+                                       [--skip-user-pipeline]
 
 Runs the real dataset-builder service in this process (its own nats-server, SQLite, gRPC on
 loopback), imports the conversations with ``tuneforge.sdk.import_file`` (ImportExamples) and
@@ -11,10 +12,22 @@ the time inside each RPC can be attributed: validation, storage, loading, token 
 
 House rule: every stage prints a ratio against a baseline measured in the same process
 (json.loads-only parsing for validation, a per-example ``tokenizer.encode`` loop for token
-counting, ``build_snapshot`` without a tokenizer for the build). The goal from the issue is
-20,000 examples/s end to end (import RPC + build RPC); the final line says PASS or MISS.
+counting, ``build_snapshot`` without a tokenizer for the build). Each fast path is timed beside
+the plain path it replaced (strict vs orjson validation, jinja2 vs hand-written rendering,
+json.loads vs orjson loading, json.dumps vs stored text writing) and checked equal to it.
 
-``--n 2000`` is a quick smoke run (under 20 seconds); ``--n 100000`` takes about 2 minutes on 2 cores.
+Floors: orjson.loads of every line (JSON), raw ``sqlite3`` executemany of the same rows into the
+same schema (storage), ``encode_batch_fast`` of the rendered texts (the bare tokenizer). And what a
+user would do instead, on the same file with the same tokenizer and chat template:
+``datasets.load_dataset("json")`` + ``.map(apply_chat_template(tokenize=True), batched=True,
+num_proc=2)``, run in a subprocess (transformers stays out of this process); its token counts
+must equal ours exactly. The goal from the issue is 20,000 examples/s end to end (import RPC +
+build RPC); the final lines give its ratio to that pipeline and to the tokenizer floor, and say
+PASS or MISS.
+
+``--n 2000`` is a quick smoke run (under a minute, most of it the stand-in and transformers'
+import); ``--n 100000`` takes about 5 minutes on 2 quiet cores, the datasets.map pipeline about
+half of it (``--skip-user-pipeline`` leaves it out).
 """
 
 from __future__ import annotations
@@ -132,6 +145,23 @@ async def ameasure(coro):
     return result, time.perf_counter() - start
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads: gRPC, SQLite, tokenizer) plus the dataset-builder's
+    worker processes. Over a stage it says what the stage costs whatever else runs on the machine."""
+    total = time.process_time()
+    from tuneforge.dataset_builder import workers
+
+    executor = workers._pool
+    if executor is not None:
+        import psutil
+
+        for pid in list(getattr(executor, "_processes", {}) or {}):
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
@@ -169,6 +199,86 @@ def make_standin_in_subprocess(store_dir: Path) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+USER_PIPELINE = r'''
+"""What a user would do instead (run by benchmarks/dataset_build.py in a subprocess): load the
+JSONL with datasets, tokenise with the chat template in a batched map on num_proc processes."""
+import json, os, sys, time
+t0 = time.perf_counter()
+import datasets
+from transformers import AutoTokenizer
+t_import = time.perf_counter() - t0
+jsonl, model_dir, out, num_proc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+# STACK-NOTES: without Json features, load_dataset unifies the tool-call structs across rows
+# (other tools' argument keys come back as null) and the rendered text changes.
+features = datasets.Features({"messages": datasets.List(datasets.Json()), "tools": datasets.List(datasets.Json()),
+                              "topics": datasets.List(datasets.Value("string"))})
+
+
+def tokenize(batch):
+    ids = []
+    for messages, tools in zip(batch["messages"], batch["tools"]):
+        encoded = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True)
+        ids.append(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+    return {"input_ids": ids}
+
+
+t1 = time.perf_counter()
+ds = datasets.load_dataset("json", data_files=jsonl, split="train", features=features)
+t_load = time.perf_counter() - t1
+t2 = time.perf_counter()
+mapped = ds.map(tokenize, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
+t_map = time.perf_counter() - t2
+counts = [len(ids) for ids in mapped["input_ids"]]
+with open(out, "w") as f:
+    json.dump({"import_s": t_import, "load_s": t_load, "map_s": t_map, "counts": counts}, f)
+'''
+
+
+def run_user_pipeline(jsonl: Path, model_dir: Path, state: Path, num_proc: int = 2) -> dict:
+    """``USER_PIPELINE`` in a fresh interpreter with an empty datasets cache (nothing reused)."""
+    import subprocess
+
+    out = state / "user_pipeline.json"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(state / "hf-datasets"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", USER_PIPELINE, str(jsonl), str(model_dir), str(out), str(num_proc)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def sqlite_floor(db_path: str, workspace_id: str, state: Path) -> tuple[int, float]:
+    """The rows the import stored, written again with nothing but ``sqlite3``: same schema and
+    indexes, one transaction, executemany, rows in the order the import inserts them."""
+    import sqlite3
+
+    source = sqlite3.connect(db_path)
+    schema = [sql for (sql,) in source.execute(
+        "SELECT sql FROM sqlite_master WHERE tbl_name IN ('examples', 'example_topics') AND sql IS NOT NULL "
+        "ORDER BY type DESC")]  # tables before indexes
+    examples = source.execute("SELECT * FROM examples WHERE workspace_id = ? ORDER BY content_hash",
+                              (workspace_id,)).fetchall()
+    topics = source.execute("SELECT * FROM example_topics WHERE workspace_id = ? ORDER BY example_id, topic",
+                            (workspace_id,)).fetchall()
+    source.close()
+    target = sqlite3.connect(str(state / "floor.db"), isolation_level=None)
+    for pragma in ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", "PRAGMA synchronous=NORMAL"):
+        target.execute(pragma)  # as core.db sets them
+    for sql in schema:
+        target.execute(sql)
+    start = time.perf_counter()
+    target.execute("BEGIN")
+    target.executemany(f"INSERT INTO examples VALUES ({', '.join('?' * len(examples[0]))})", examples)
+    target.executemany(f"INSERT INTO example_topics VALUES ({', '.join('?' * len(topics[0]))})", topics)
+    target.execute("COMMIT")
+    seconds = time.perf_counter() - start
+    target.close()
+    return len(examples), seconds
+
+
 # --- the service in-process ----------------------------------------------------------------------
 
 async def start_dataset_builder(state: Path):
@@ -202,7 +312,7 @@ async def start_dataset_builder(state: Path):
 async def run(args) -> int:
     from tuneforge import sdk
     from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
-    from tuneforge.dataset_builder import builder, formats
+    from tuneforge.dataset_builder import builder, formats, workers
     from tuneforge.dataset_builder import service as ds_service
     from tuneforge.dataset_builder.tokens import TokenCounter
     from tuneforge.plugins import get_registry
@@ -225,26 +335,77 @@ async def run(args) -> int:
     print(f"setup: {BASE_MODEL} stand-in (BPE tokenizer + training chat template) in {t_standin:.1f}s")
     nats, settings, service, clients, workspace_id = await start_dataset_builder(state)
     print(f"setup: dataset-builder serving in-process, state in {state}")
+    _, t_warm = measure(workers.warm)
+    print(f"setup: {workers.worker_count()} worker processes started in {t_warm:.1f}s (a running service keeps "
+          f"them from its first large import or build on; set {workers.ENV_WORKERS}=1 for none)")
 
     rows: list[tuple[str, int, float, str]] = []  # stage, examples, seconds, note
     try:
         # -- 1. parse baseline vs validate (in-process, what ImportExamples does per line) --
+        import orjson
+
         def json_only():
             for raw in lines:
                 json.loads(raw)
+
+        def orjson_only():
+            for raw in lines:
+                orjson.loads(raw)
 
         def validate():
             validator = formats.FileValidator()
             return [validator.line(raw, i) for i, raw in enumerate(lines, 1)]
 
-        (_, validated), (t_json, t_validate) = best_of(args.repeats, json_only, validate)
+        def validate_strict():  # the plain path: no orjson fast path
+            saved, formats.orjson = formats.orjson, None
+            try:
+                return validate()
+            finally:
+                formats.orjson = saved
+
+        (_, _, strict, validated), (t_json, t_orjson, t_strict, t_validate) = best_of(
+            args.repeats, json_only, orjson_only, validate_strict, validate)
         bad = sum(1 for example, _ in validated if example is None)
         if bad:
             raise SystemExit(f"{bad} generated lines failed validation")
-        del validated  # as in the service: nothing else holds 100,000 parsed examples during the RPC
+        if [(e.content_hash, e.canonical_json, e.topics) for e, _ in strict] != \
+                [(e.content_hash, e.canonical_json, e.topics) for e, _ in validated]:
+            raise SystemExit("the orjson validation fast path disagrees with the strict path")
+        file_bodies = [e.body for e, _ in validated]  # for the exact-count check against the user pipeline
+        del validated, strict  # as in the service: nothing else holds 100,000 parsed examples during the RPC
         rows.append(("baseline: json.loads per line", n, t_json, "baseline for validate"))
-        rows.append(("validate (FileValidator)", n, t_validate,
-                     ratio_text(rate(n, t_validate), rate(n, t_json), "validate", "json.loads-only")))
+        rows.append(("FLOOR json: orjson.loads per line", n, t_orjson,
+                     ratio_text(rate(n, t_orjson), rate(n, t_json), "orjson", "json.loads")))
+        rows.append(("validate, strict path (before)", n, t_strict,
+                     ratio_text(rate(n, t_strict), rate(n, t_json), "strict validate", "json.loads-only")))
+        rows.append(("validate (FileValidator, orjson canonical)", n, t_validate,
+                     ratio_text(rate(n, t_validate), rate(n, t_strict), "fast", "strict")
+                     + "; same verdicts and hashes"))
+
+        def parse_import(worker_processes: bool):
+            saved = os.environ.get(workers.ENV_WORKERS)
+            os.environ[workers.ENV_WORKERS] = saved or str(workers.worker_count()) if worker_processes else "1"
+            try:
+                parser = ds_service._ImportParser(dsb.ImportOptions(source_name="bench.jsonl"))
+                for start in range(0, len(data), 1 << 20):
+                    parser.feed(data[start:start + (1 << 20)])
+                parser.finish()
+                return [(e.content_hash, e.canonical_json) for e in parser.examples]
+            finally:
+                if saved is None:
+                    os.environ.pop(workers.ENV_WORKERS, None)
+                else:
+                    os.environ[workers.ENV_WORKERS] = saved
+
+        (one, many), (t_parse_one, t_parse_many) = best_of(
+            args.repeats, lambda: parse_import(False), lambda: parse_import(True))
+        if one != many:
+            raise SystemExit("validating in worker processes disagrees with validating in process")
+        del one, many
+        rows.append(("import parser, in process", n, t_parse_one, "_ImportParser.feed/finish, 1 MiB chunks"))
+        rows.append((f"import parser, {workers.worker_count()} worker processes", n, t_parse_many,
+                     ratio_text(rate(n, t_parse_many), rate(n, t_parse_one), "workers", "in process")
+                     + "; same examples"))
 
         # -- 2. import over gRPC: validate + store --
         targets = [
@@ -254,7 +415,9 @@ async def run(args) -> int:
         ]
         import_clock = Clock([label for *_, label in targets])
         with timed_attributes(import_clock, targets):
+            cpu_start = cpu_seconds()
             reply, t_import = await ameasure(sdk.import_file(clients, jsonl_path, timeout=600))
+            cpu_import = cpu_seconds() - cpu_start
         if reply.imported != n or reply.error_count:
             raise SystemExit(f"import: imported={reply.imported} duplicates={reply.duplicates} "
                              f"errors={reply.error_count} (expected {n} new)")
@@ -266,22 +429,28 @@ async def run(args) -> int:
                      ratio_text(rate(n, t_rpc_validate), rate(n, t_validate), "in the RPC", "in-process")))
         rows.append(("  of which store (_store, SQLite)", n, t_rpc_store,
                      f"{100 * t_rpc_store / t_import:.0f}% of the import RPC"))
+        stored_rows, t_sqlite = sqlite_floor(service.db.sqlite_path, workspace_id, state)
+        rows.append(("FLOOR sqlite: sqlite3 executemany, same rows", stored_rows, t_sqlite,
+                     ratio_text(rate(n, t_rpc_store), rate(n, t_sqlite), "_store", "raw sqlite3")
+                     + "; same schema, indexes, pragmas"))
 
         # -- 3. build over gRPC: load, filter, dedupe, count tokens, split, write --
         snapshot_label = "build_snapshot (incl. token count)"
-        count_label = "  of which TokenCounter.count"
+        count_label = "  of which TokenCounter.count_stored"
         targets = [
             (ds_service.DatasetBuilder, "load_examples", "load_examples (SELECT + json.loads bodies)"),
             (ds_service.DatasetBuilder, "token_counter", "token_counter (load tokenizer, compile template)"),
             (builder, "build_snapshot", snapshot_label),
-            (TokenCounter, "count", count_label),
+            (TokenCounter, "count_stored", count_label),
             (ds_service.DatasetBuilder, "_write", "_write (train/test JSONL + manifest)"),
         ]
         build_clock = Clock([label for *_, label in targets])
         with timed_attributes(build_clock, targets):
+            cpu_start = cpu_seconds()
             built, t_build = await ameasure(clients.dataset_builder.BuildDataset(
                 dsb.BuildDatasetRequest(method="sft", base_model=BASE_MODEL, test_fraction=0.1, seed=42),
                 timeout=600))
+        cpu_build = cpu_seconds() - cpu_start
         summary = built.dataset
         kept = summary.train_count + summary.test_count
         if summary.deduplicated_count != n or kept != n:
@@ -314,10 +483,45 @@ async def run(args) -> int:
         t_count = build_clock.seconds[count_label]
         rows.append(("build_snapshot with tokens (in the RPC)", n, t_snap_tok,
                      ratio_text(rate(n, t_snap_tok), rate(n, t_snap_plain), "with tokens", "without")))
-        rows.append(("  of which TokenCounter.count", n, t_count,
+        rows.append(("  of which TokenCounter.count_stored", n, t_count,
                      f"{100 * t_count / t_snap_tok:.0f}% of build_snapshot"))
+        def count_in(worker_processes: bool):
+            saved = os.environ.get(workers.ENV_COUNT)
+            os.environ[workers.ENV_COUNT] = "1" if worker_processes else "0"
+            try:
+                return counter.count_stored(examples)
+            finally:
+                if saved is None:
+                    os.environ.pop(workers.ENV_COUNT, None)
+                else:
+                    os.environ[workers.ENV_COUNT] = saved
+
+        (in_process, in_workers), (t_count_one, t_count_many) = best_of(
+            1, lambda: count_in(False), lambda: count_in(True))
+        if in_process != in_workers:
+            raise SystemExit("counting in worker processes disagrees with counting in process")
+        rows.append(("count_stored, in process", n, t_count_one, "render + distinct pieces, tokenizer threads"))
+        rows.append((f"count_stored, {workers.worker_count()} worker processes", n, t_count_many,
+                     ratio_text(rate(n, t_count_many), rate(n, t_count_one), "workers", "in process")
+                     + f"; same counts; {'ON' if workers.counting_in_workers() else 'off'} in the build "
+                       f"({workers.ENV_COUNT})"))
         bodies = [e.body for e in examples]
-        texts, t_render = measure(lambda: [text for body in bodies for text in counter.texts(body)])
+        renderer = counter.renderer
+
+        def render_jinja():
+            counter.renderer = None
+            try:
+                return [text for body in bodies for text in counter.texts(body)]
+            finally:
+                counter.renderer = renderer
+
+        def render_compiled():
+            return [text for body in bodies for text in counter.texts(body)]
+
+        (jinja_texts, texts), (t_render_jinja, t_render) = best_of(1, render_jinja, render_compiled)
+        if jinja_texts != texts:
+            raise SystemExit("the hand-written renderer disagrees with the jinja2 template")
+        del jinja_texts
 
         def encode_all():
             out = []
@@ -327,12 +531,35 @@ async def run(args) -> int:
             return out
 
         lengths, t_encode = measure(encode_all)
-        rows.append(("  count part: render chat template", n, t_render, "jinja2, one render per example"))
-        rows.append(("  count part: encode_batch_fast (whole)", n, t_encode,
+        piece_counts, t_pieces = measure(counter._count_texts, texts)
+        if piece_counts != lengths:
+            raise SystemExit("counting distinct pieces disagrees with encoding whole texts")
+        rows.append(("  count part: render, jinja2 (before)", n, t_render_jinja, "one template render per example"))
+        rows.append(("  count part: render, hand-written", n, t_render,
+                     ratio_text(rate(n, t_render), rate(n, t_render_jinja), "hand-written", "jinja2")
+                     + ("; same texts" if renderer else "; NO RENDERER for this template")))
+        rows.append(("FLOOR tokenizer: encode_batch_fast (whole)", n, t_encode,
                      f"{sum(lengths) / max(1, len(lengths)):.0f} tokens/example, "
                      f"{sum(len(t) for t in texts) / max(1, len(texts)):.0f} chars/example"))
-        _, t_jsonl = measure(lambda: (builder.jsonl(snap.train), builder.jsonl(snap.test)))
-        rows.append(("  write part: builder.jsonl", n, t_jsonl, "json.dumps per example"))
+        rows.append(("  count part: encode distinct pieces", n, t_pieces,
+                     ratio_text(rate(n, t_pieces), rate(n, t_encode), "pieces", "whole texts") + "; same counts"))
+        stored_texts = [e.canonical_json for e in examples]
+        (plain_loaded, fast_loaded), (t_load_json, t_load_fast) = best_of(
+            args.repeats, lambda: [json.loads(t) for t in stored_texts],
+            lambda: [formats.loads_stored(t) for t in stored_texts])
+        if repr(plain_loaded) != repr(fast_loaded):
+            raise SystemExit("loading stored bodies with orjson disagrees with json.loads")
+        del plain_loaded, fast_loaded
+        rows.append(("  load part: json.loads bodies (before)", n, t_load_json, "baseline for loading"))
+        rows.append(("  load part: formats.loads_stored", n, t_load_fast,
+                     ratio_text(rate(n, t_load_fast), rate(n, t_load_json), "orjson", "json.loads")))
+        old_jsonl = lambda rows_: "".join(json.dumps(e.body, ensure_ascii=False) + "\n" for e in rows_).encode()  # noqa: E731
+        _, (t_jsonl_old, t_jsonl) = best_of(
+            args.repeats, lambda: (old_jsonl(snap.train), old_jsonl(snap.test)),
+            lambda: (builder.jsonl(snap.train), builder.jsonl(snap.test)))
+        rows.append(("  write part: json.dumps per example (before)", n, t_jsonl_old, "baseline for writing"))
+        rows.append(("  write part: builder.jsonl", n, t_jsonl,
+                     ratio_text(rate(n, t_jsonl), rate(n, t_jsonl_old), "stored texts", "json.dumps")))
 
         # -- 5. token counting: batch vs naive per-example loop (same tokenizer, same sample) --
         k = min(n, args.baseline_sample)
@@ -349,10 +576,28 @@ async def run(args) -> int:
         rows.append(("baseline: per-example encode loop", k, t_naive, "render + tokenizer.encode each"))
         rows.append(("TokenCounter.count (same sample)", k, t_batch,
                      ratio_text(rate(k, t_batch), rate(k, t_naive), "batch count", "per-example loop")))
+        our_counts = counter.count(file_bodies)
     finally:
         await clients.close()
         await service.stop(grace=0.5)
         nats.stop()
+
+    # -- 6. what a user would do instead: datasets.load_dataset + map(apply_chat_template), 2 processes --
+    try:
+        user = None
+        if not args.skip_user_pipeline:
+            user = run_user_pipeline(jsonl_path, settings.resolved_model_store() / BASE_MODEL, state)
+            t_user = user["load_s"] + user["map_s"]
+            same = user["counts"] == our_counts
+            rows.append(("USER: datasets load_dataset(json)", n, user["load_s"], "subprocess, empty datasets cache"))
+            rows.append(("USER: .map(apply_chat_template, num_proc=2)", n, user["map_s"],
+                         f"batched; transformers import {user['import_s']:.1f}s not counted"))
+            rows.append(("USER: load + map", n, t_user,
+                         "token counts EQUAL ours" if same else "token counts DIFFER from ours"))
+            if not same:
+                differ = sum(1 for a, b in zip(user["counts"], our_counts) if a != b)
+                print(f"WARNING: {differ} of {n} token counts differ between datasets.map and the dataset builder")
+    finally:
         if args.keep:
             print(f"kept {state}")
         else:
@@ -370,10 +615,24 @@ async def run(args) -> int:
     for stage, count, seconds, note in rows:
         print(f"{stage:42s} {count:9d} {seconds:9.2f} {rate(count, seconds):11.0f}  {note}")
     t_e2e = t_import + t_build
+    cpu_e2e = cpu_import + cpu_build
     e2e = rate(n, t_e2e)
     print("-" * len(header))
     print(f"{'END TO END (import RPC + build RPC)':42s} {n:9d} {t_e2e:9.2f} {e2e:11.0f}  "
           f"{ratio_text(e2e, GOAL_PER_S, 'end to end', f'the {GOAL_PER_S}/s goal')}")
+    if user is not None:
+        print(f"end to end vs datasets.map pipeline: {ratio_text(e2e, rate(n, t_user), 'import+build', 'load_dataset+map')}"
+              f" (theirs {rate(n, t_user):.0f}/s, counts only; ours validates, stores, dedupes, splits, writes)")
+    print(f"end to end vs tokenizer floor: {ratio_text(e2e, rate(n, t_encode), 'import+build', 'encode_batch_fast alone')}"
+          f" (floor {rate(n, t_encode):.0f}/s on the rendered texts)")
+    floors = t_orjson + t_sqlite + t_pieces
+    print(f"floors in one process: orjson {t_orjson:.2f}s + sqlite {t_sqlite:.2f}s + distinct-piece encode "
+          f"{t_pieces:.2f}s = {floors:.2f}s -> {rate(n, floors):.0f}/s; end to end takes {t_e2e / floors:.2f}x that")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"CPU time: import {cpu_import:.2f}s + build {cpu_build:.2f}s = {cpu_e2e:.2f} CPU-s "
+          f"({1e6 * cpu_e2e / n:.0f} µs/example, this process + workers); on {cores} cores of its own the "
+          f"build could not pass {cores * n / cpu_e2e:.0f} examples/s; load average during the run "
+          f"{os.getloadavg()[0]:.1f} on {cores} cores")
     verdict = "PASS" if e2e >= GOAL_PER_S else "MISS"
     print(f"goal {GOAL_PER_S} examples/s end to end on {os.cpu_count()} cores: {verdict} "
           f"({e2e:.0f} examples/s = {e2e / GOAL_PER_S:.2f}x the goal)")
@@ -389,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each in-process baseline comparison; the best time counts (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state directory")
+    parser.add_argument("--skip-user-pipeline", action="store_true",
+                        help="do not run the datasets.load_dataset + map comparison (it imports transformers)")
     args = parser.parse_args(argv)
     if args.n < 10:
         parser.error("--n must be at least 10")

@@ -26,6 +26,7 @@ class StoredExample:
     format: str
     body: dict[str, Any]  # universal form
     topics: tuple[str, ...]
+    canonical_json: str = ""  # the stored text of ``body`` (formats.canonical), when loaded from the store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +134,16 @@ def build_snapshot(
     tokenizer: str = "",
     known_counts: dict[str, int] | None = None,
     extra_warnings: Sequence[str] = (),
+    count_examples: Callable[[list[StoredExample]], list[int]] | None = None,
 ) -> Snapshot:
     """``known_counts`` (content hash -> tokens, same tokenizer) skips counting those examples;
     the counts made here are returned in ``Snapshot.new_counts`` for the caller to keep.
-    ``extra_warnings`` (the caller's findings, e.g. data the base model cannot take) come last."""
+    ``extra_warnings`` (the caller's findings, e.g. data the base model cannot take) come last.
+    ``count_examples`` counts like ``count_tokens`` but is given the examples, not their bodies
+    (``TokenCounter.count_stored`` sends their stored texts to worker processes)."""
+    if count_examples is None and count_tokens is not None:
+        def count_examples(rows: list[StoredExample]) -> list[int]:
+            return count_tokens([e.body for e in rows])
     if options.overlength not in OVERLENGTH_POLICIES:
         raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}")
     wanted = set(options.topics)
@@ -145,11 +152,11 @@ def build_snapshot(
     lengths: dict[str, int] = {}
     overlength: list[str] = []
     new_counts: dict[str, int] = {}
-    if count_tokens is not None and ordered:
+    if count_examples is not None and ordered:
         known = known_counts or {}
         todo = [e for e in ordered if e.content_hash not in known]
         if todo:
-            new_counts = dict(zip([e.content_hash for e in todo], count_tokens([e.body for e in todo]), strict=True))
+            new_counts = dict(zip([e.content_hash for e in todo], count_examples(todo), strict=True))
         for e in ordered:
             n = known[e.content_hash] if e.content_hash in known else new_counts[e.content_hash]
             lengths[e.content_hash] = n
@@ -169,12 +176,12 @@ def build_snapshot(
         "overlength": len(overlength), "kept": len(kept), "train": len(train), "test": len(test),
     }
     stats = None
-    if count_tokens is not None:
+    if count_examples is not None:
         stats = {split: token_stats([lengths[e.content_hash] for e in rows]) for split, rows in
                  (("train", train), ("test", test))}
     rule = resolve_train_on_inputs(options.train_on_inputs, kept)
-    warnings = _warnings(counts, options, tokenizer if count_tokens else "") + list(extra_warnings)
-    key = {**options.key(), "tokenizer": tokenizer if count_tokens else None}
+    warnings = _warnings(counts, options, tokenizer if count_examples else "") + list(extra_warnings)
+    key = {**options.key(), "tokenizer": tokenizer if count_examples else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for h in sorted(unique):
         digest.update(h.encode())
@@ -191,7 +198,7 @@ def build_snapshot(
         "split": {"seed": options.seed, "test_fraction": options.test_fraction, "algorithm": SPLIT_ALGORITHM},
         "counts": counts,
         "topic_counts": dict(sorted(topic_counts.items())),
-        "tokens": {"tokenizer": tokenizer if count_tokens else None, "context_length": options.context_length,
+        "tokens": {"tokenizer": tokenizer if count_examples else None, "context_length": options.context_length,
                    "overlength_policy": options.overlength, "overlength_hashes": overlength, "splits": stats},
         "train_on_inputs": {"setting": options.train_on_inputs, "resolved": rule},
         "warnings": warnings,
@@ -200,7 +207,7 @@ def build_snapshot(
         "test_hashes": [e.content_hash for e in test],
     }
     return Snapshot(dataset_id, content_hash, options, train, test, counts, dict(topic_counts), stats, rule,
-                    warnings, manifest, tokenizer if count_tokens else "", new_counts)
+                    warnings, manifest, tokenizer if count_examples else "", new_counts)
 
 
 def _warnings(counts: dict[str, int], options: BuildOptions, tokenizer: str) -> list[str]:
@@ -234,6 +241,8 @@ def describe_counts(counts: dict[str, int], options: BuildOptions) -> str:
 
 
 def jsonl(examples: Sequence[StoredExample]) -> bytes:
+    """One example per line in its canonical form (compact JSON, keys sorted): the stored text
+    where it was loaded, so each line's SHA-256 is the example's content hash."""
     if not examples:
         return b""
-    return ("\n".join(json.dumps(e.body, ensure_ascii=False) for e in examples) + "\n").encode()
+    return ("\n".join(e.canonical_json or formats.canonical(e.body) for e in examples) + "\n").encode()

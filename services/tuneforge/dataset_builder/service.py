@@ -28,7 +28,7 @@ from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.core.workspaces import Workspace, WorkspaceRow
-from tuneforge.dataset_builder import builder, formats
+from tuneforge.dataset_builder import builder, formats, workers
 from tuneforge.dataset_builder.tokens import TokenCounter
 from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow, TokenCountRow
 from tuneforge.plugins import get_registry
@@ -117,7 +117,7 @@ class DatasetBuilder(BaseService):
             topics.setdefault(example_id, []).append(topic)
         with gc_paused():
             return [
-                builder.StoredExample(h, fmt, json.loads(body), tuple(sorted(topics.get(i, ()))))
+                builder.StoredExample(h, fmt, formats.loads_stored(body), tuple(sorted(topics.get(i, ()))), body)
                 for i, h, fmt, body in rows
             ]
 
@@ -182,8 +182,8 @@ class DatasetBuilder(BaseService):
         counter = await asyncio.to_thread(self.token_counter, base_model)
         known = await self._stored_counts(workspace_id, counter.key) if counter else {}
         snap = await asyncio.to_thread(
-            builder.build_snapshot, examples, options, counter.count if counter else None,
-            counter.name if counter else "", known, extra,
+            builder.build_snapshot, examples, options, None, counter.name if counter else "", known, extra,
+            counter.count_stored if counter else None,
         )
         if snap.new_counts:
             await self._store_counts(workspace_id, counter.key, snap.new_counts)
@@ -242,12 +242,18 @@ class DatasetBuilder(BaseService):
             return dict(rows.all())
 
     async def _store_counts(self, workspace_id: str, tokenizer_key: str, counts: dict[str, int]) -> None:
-        rows = [{"workspace_id": workspace_id, "tokenizer_key": tokenizer_key, "content_hash": h, "tokens": n}
-                for h, n in counts.items()]
         try:
             async with self.db.session() as session, session.begin():
+                conn = await session.connection()
+                if conn.dialect.name == "sqlite":  # the driver's executemany, rows in key order (see _store)
+                    await conn.exec_driver_sql(
+                        "INSERT INTO token_counts (workspace_id, tokenizer_key, content_hash, tokens) VALUES (?, ?, ?, ?)",
+                        [(workspace_id, tokenizer_key, h, n) for h, n in sorted(counts.items())])
+                    return
+                rows = [{"workspace_id": workspace_id, "tokenizer_key": tokenizer_key, "content_hash": h, "tokens": n}
+                        for h, n in counts.items()]
                 for i in range(0, len(rows), 5000):
-                    await session.execute(insert(TokenCountRow.__table__), rows[i:i + 5000])
+                    await conn.execute(insert(TokenCountRow.__table__), rows[i:i + 5000])
         except IntegrityError:
             log.info("token counts stored concurrently; keeping the stored ones")
 
@@ -286,6 +292,11 @@ class _ImportParser:
         self._line_no = 0
         self._buffer = b""
         self._skipping = False
+        # A large import is validated in worker processes (workers.py), in batches, from the
+        # line after MIN_PARALLEL on; results are taken in line order by finish().
+        self._executor = None
+        self._pending: list[tuple[int, bytes]] = []
+        self._futures: list = []
 
     def _take(self, raw: bytes) -> None:
         self._line_no += 1
@@ -296,11 +307,26 @@ class _ImportParser:
         if not raw.strip():
             return
         self.lines_read += 1
+        if self.lines_read == workers.MIN_PARALLEL + 1:
+            self._executor = workers.pool()  # None: everything in process
+        if self._executor is not None:
+            self._pending.append((self._line_no, raw))
+            if len(self._pending) >= workers.VALIDATE_BATCH:
+                self._submit()
+            return
         example, errors = self.validator.line(raw, self._line_no)
         if example is not None:
             self.examples.append(example)
         else:
             self.errors.extend(errors)
+
+    def _submit(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            future = self._executor.submit(workers.validate_lines, batch, self.validator.extra_topics)
+        except RuntimeError:  # the pool broke or shut down: validate here
+            future = None
+        self._futures.append((future, batch))
 
     def feed(self, chunk: bytes) -> None:
         with gc_paused():  # parsed JSON has no reference cycles; the collector only slows this down
@@ -327,6 +353,31 @@ class _ImportParser:
         if self._buffer:
             self._take(self._buffer)
             self._buffer = b""
+        if self._pending:
+            self._submit()
+        futures, self._futures = self._futures, []
+        with gc_paused():
+            for future, batch in futures:
+                try:
+                    results = future.result() if future is not None else None
+                except Exception:  # a worker died (BrokenProcessPool, ...): the lines are judged here
+                    log.warning("a validation worker failed; validating %d lines in process", len(batch),
+                                exc_info=True)
+                    workers.discard()
+                    results = None
+                if results is None:
+                    results = workers.validate_lines(batch, self.validator.extra_topics)
+                for result in results:
+                    if len(result) == 2:  # (line, errors)
+                        self.errors.extend(result[1])
+                        continue
+                    line, fmt, topics, content_hash, text = result
+                    example, errors = self.validator.accept(
+                        formats.ParsedExample(line, fmt, None, topics, content_hash, text))
+                    if example is not None:
+                        self.examples.append(example)
+                    else:
+                        self.errors.extend(errors)
 
 
 class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
@@ -368,7 +419,6 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
     async def _store(self, workspace_id: str, parser: "_ImportParser") -> tuple[int, int]:
         """Insert new examples and topic links in one transaction; known hashes only gain topics."""
         parsed = parser.examples
-        imported = duplicates = 0
         source = parser.options.source_name[:256]
         async with self.app.db.session() as session, session.begin():
             existing: dict[str, str] = {}
@@ -396,27 +446,51 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
                         ExampleTopicRow.example_id.in_(ids[i:i + 900]))
                 )
                 known_topics.update(rows.all())
-            new_rows, topic_rows = [], []
-            now = utcnow()
+            # New examples (the first line of each new hash) in content-hash order, given random ids
+            # drawn and sorted beforehand: both indexes of the table then grow in key order, which
+            # SQLite inserted about twice as fast as keys in random order (measured with 50k rows).
+            first: dict[str, formats.ParsedExample] = {}
             for p in parsed:
-                example_id = existing.get(p.content_hash)
-                if example_id is None:
-                    example_id = "ex_" + secrets.token_hex(10)
-                    existing[p.content_hash] = example_id
-                    new_rows.append({"id": example_id, "workspace_id": workspace_id, "content_hash": p.content_hash,
-                                     "format": p.format, "body": p.canonical_json, "source_name": source,
-                                     "source_line": p.line, "created_at": now})
-                    imported += 1
-                else:
-                    duplicates += 1
+                if p.content_hash not in existing and p.content_hash not in first:
+                    first[p.content_hash] = p
+            new = sorted(first.values(), key=lambda p: p.content_hash)
+            for p, example_id in zip(new, sorted("ex_" + secrets.token_hex(10) for _ in new)):
+                existing[p.content_hash] = example_id
+            imported, duplicates = len(new), len(parsed) - len(new)
+            topic_rows: list[tuple[str, str]] = []
+            for p in parsed:
+                example_id = existing[p.content_hash]
                 for topic in p.topics:
                     if (example_id, topic) not in known_topics:
                         known_topics.add((example_id, topic))
-                        topic_rows.append({"example_id": example_id, "topic": topic, "workspace_id": workspace_id})
-            for i in range(0, len(new_rows), 5000):
-                await session.execute(insert(ExampleRow.__table__), new_rows[i:i + 5000])
-            for i in range(0, len(topic_rows), 5000):
-                await session.execute(insert(ExampleTopicRow.__table__), topic_rows[i:i + 5000])
+                        topic_rows.append((example_id, topic))
+            topic_rows.sort()
+            conn = await session.connection()
+            examples, topics = ExampleRow.__table__, ExampleTopicRow.__table__
+            created_at = utcnow()
+            if conn.dialect.name == "sqlite":  # the driver's executemany: no per-row work in SQLAlchemy
+                bind = examples.c.created_at.type.bind_processor(conn.dialect)
+                created_at = bind(created_at) if bind else created_at
+                if new:
+                    await conn.exec_driver_sql(
+                        "INSERT INTO examples (id, workspace_id, content_hash, format, body, source_name,"
+                        " source_line, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(existing[p.content_hash], workspace_id, p.content_hash, p.format, p.canonical_json,
+                          source, p.line, created_at) for p in new])
+                if topic_rows:
+                    await conn.exec_driver_sql(
+                        "INSERT INTO example_topics (example_id, topic, workspace_id) VALUES (?, ?, ?)",
+                        [(example_id, topic, workspace_id) for example_id, topic in topic_rows])
+            else:
+                rows = [{"id": existing[p.content_hash], "workspace_id": workspace_id, "content_hash": p.content_hash,
+                         "format": p.format, "body": p.canonical_json, "source_name": source, "source_line": p.line,
+                         "created_at": created_at} for p in new]
+                for i in range(0, len(rows), 5000):
+                    await conn.execute(insert(examples), rows[i:i + 5000])
+                rows = [{"example_id": example_id, "topic": topic, "workspace_id": workspace_id}
+                        for example_id, topic in topic_rows]
+                for i in range(0, len(rows), 5000):
+                    await conn.execute(insert(topics), rows[i:i + 5000])
         return imported, duplicates
 
     async def ListTopics(self, request, context):

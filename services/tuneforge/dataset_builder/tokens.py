@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 from collections.abc import Sequence
@@ -16,8 +17,10 @@ import jinja2.ext
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tuneforge.dataset_builder import renderers
 from tuneforge.training import template_messages
 
+log = logging.getLogger(__name__)
 ENCODE_BATCH = 4096
 # Bumped when what is rendered changes (2: tool-call arguments rendered from objects), so token
 # counts stored under an older rendering are not reused.
@@ -93,6 +96,8 @@ class TokenCounter:
 
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.template = compile_template(chat_template)
+        # The hand-written renderer of exactly this template text (renderers.py), else None: jinja2.
+        self.renderer = renderers.for_template(chat_template)
         self.bos = special.get("bos_token") or ""
         self.eos = special.get("eos_token") or ""
         self.name = name
@@ -103,6 +108,9 @@ class TokenCounter:
         digest.update(RENDERING_VERSION.encode())
         self.key = digest.hexdigest()
         self._pieces = _added_token_splitter(self.tokenizer)
+        # What a worker process needs to make the same counter (workers.count_texts).
+        self.spec = (str(tokenizer_file), chat_template, tuple(sorted(special.items())), name,
+                     Path(tokenizer_file).stat().st_mtime_ns)
 
     @classmethod
     def for_model(cls, model_store: Path, model_id: str, chat_template: str) -> "TokenCounter | None":
@@ -123,7 +131,13 @@ class TokenCounter:
         return cls(tokenizer_file, chat_template, special, name=f"{model_id} ({tokenizer_file.parent.name})")
 
     def _render_messages(self, messages: list[dict[str, Any]], tools: list | None) -> str:
-        return self.template.render(messages=template_messages(messages), tools=tools or None, bos_token=self.bos,
+        ready = template_messages(messages)
+        if self.renderer is not None:
+            try:
+                return self.renderer(ready, tools or None, self.bos, self.eos)
+            except renderers.Unsupported:  # a shape the renderer was not written for
+                pass
+        return self.template.render(messages=ready, tools=tools or None, bos_token=self.bos,
                                     eos_token=self.eos, add_generation_prompt=False)
 
     def texts(self, example: dict[str, Any]) -> list[str]:
@@ -148,7 +162,7 @@ class TokenCounter:
         if self._pieces is None:
             out: list[int] = []
             for start in range(0, len(texts), ENCODE_BATCH):
-                out.extend(len(e.ids) for e in encode(texts[start:start + ENCODE_BATCH], add_special_tokens=False))
+                out.extend(len(e) for e in encode(texts[start:start + ENCODE_BATCH], add_special_tokens=False))
             return out
         split = self._pieces.split
         known: dict[str, int] = {}
@@ -164,9 +178,26 @@ class TokenCounter:
         for start in range(0, len(todo), ENCODE_BATCH):
             batch = todo[start:start + ENCODE_BATCH]
             for piece, e in zip(batch, encode(batch, add_special_tokens=False)):
-                known[piece] = len(e.ids)
+                known[piece] = len(e)  # the number of ids, without building their list
         known[""] = 0
         return [len(parts) // 2 + sum(map(known.__getitem__, parts[0::2])) for parts in parts_of]
+
+    def count_stored(self, examples: Sequence[Any]) -> list[int]:
+        """``count`` of stored examples (``builder.StoredExample``): with counting in workers
+        switched on (workers.ENV_COUNT), many examples loaded with their canonical texts are
+        counted in worker processes, the rest in process."""
+        from tuneforge.dataset_builder import workers
+
+        if (workers.counting_in_workers() and len(examples) >= workers.MIN_PARALLEL
+                and all(e.canonical_json for e in examples)):
+            executor = workers.pool()
+            if executor is not None:
+                try:
+                    return workers.count_in_workers(self.spec, [e.canonical_json for e in examples], executor)
+                except Exception:  # a worker died (BrokenProcessPool, ...): count here
+                    log.warning("counting in worker processes failed; counting in process", exc_info=True)
+                    workers.discard()
+        return self.count([e.body for e in examples])
 
     def count(self, examples: Sequence[dict[str, Any]]) -> list[int]:
         """Token count per example (the longer sequence of a preference pair), batch-encoded."""
