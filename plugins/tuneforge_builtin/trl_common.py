@@ -423,7 +423,7 @@ class PreparedRun:
 def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPaths, *, model, tokenizer, config,
                     train_dataset, eval_dataset, n_evals: int, evaluation_set=None, evaluate_base_loss: bool = False,
                     peft_by_trainer: bool = True, **trainer_kwargs) -> PreparedRun:
-    """A TRL trainer of ``trainer_base`` (SFTTrainer, DPOTrainer, ...) with the product's learning
+    """A trainer of ``trainer_base`` (``packed.packed_trainer_class()``, or a TRL trainer) with the product's learning
     rate schedule, LoRA from the hyperparameters, the schedule/progress callbacks, no console
     output and the adapter anchored to the base model's absolute path. ``evaluation_set`` and
     ``evaluate_base_loss``: the comparison with the base model after training
