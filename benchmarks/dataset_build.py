@@ -74,6 +74,20 @@ class Clock:
 
 
 @contextlib.contextmanager
+def environment(name: str, value: str):
+    """``os.environ[name] = value`` for the duration (the previous value, or none, restored)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
 def timed_attributes(clock: Clock, targets: list[tuple[object, str, str]]):
     """Temporarily wrap ``owner.name`` (sync or async callables) so that each call adds its wall
     time to ``clock[label]``. In-process only; restored on exit. Product files are not touched."""
@@ -383,19 +397,14 @@ async def run(args) -> int:
                      + "; same verdicts and hashes"))
 
         def parse_import(worker_processes: bool):
-            saved = os.environ.get(workers.ENV_WORKERS)
-            os.environ[workers.ENV_WORKERS] = saved or str(workers.worker_count()) if worker_processes else "1"
-            try:
+            current = os.environ.get(workers.ENV_WORKERS)
+            with environment(workers.ENV_WORKERS,
+                             current or str(workers.worker_count()) if worker_processes else "1"):
                 parser = ds_service._ImportParser(dsb.ImportOptions(source_name="bench.jsonl"))
                 for start in range(0, len(data), 1 << 20):
                     parser.feed(data[start:start + (1 << 20)])
                 parser.finish()
                 return [(e.content_hash, e.canonical_json) for e in parser.examples]
-            finally:
-                if saved is None:
-                    os.environ.pop(workers.ENV_WORKERS, None)
-                else:
-                    os.environ[workers.ENV_WORKERS] = saved
 
         (one, many), (t_parse_one, t_parse_many) = best_of(
             args.repeats, lambda: parse_import(False), lambda: parse_import(True))
@@ -486,15 +495,8 @@ async def run(args) -> int:
         rows.append(("  of which TokenCounter.count_stored", n, t_count,
                      f"{100 * t_count / t_snap_tok:.0f}% of build_snapshot"))
         def count_in(worker_processes: bool):
-            saved = os.environ.get(workers.ENV_COUNT)
-            os.environ[workers.ENV_COUNT] = "1" if worker_processes else "0"
-            try:
+            with environment(workers.ENV_COUNT, "1" if worker_processes else "0"):
                 return counter.count_stored(examples)
-            finally:
-                if saved is None:
-                    os.environ.pop(workers.ENV_COUNT, None)
-                else:
-                    os.environ[workers.ENV_COUNT] = saved
 
         (in_process, in_workers), (t_count_one, t_count_many) = best_of(
             1, lambda: count_in(False), lambda: count_in(True))

@@ -76,22 +76,18 @@ def warm() -> None:
         list(executor.map(_ping, range(worker_count())))
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
     """Stop the workers (at exit; a later use starts new ones)."""
     global _pool
     with _lock:
         executor, _pool = _pool, None
     if executor is not None:
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=wait, cancel_futures=True)
 
 
 def discard() -> None:
     """Forget the pool after a failure (a worker died): the next use starts a new one."""
-    global _pool
-    with _lock:
-        executor, _pool = _pool, None
-    if executor is not None:
-        executor.shutdown(wait=False, cancel_futures=True)
+    shutdown(wait=False)
 
 
 def _ping(_: int) -> int:
