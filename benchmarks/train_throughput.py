@@ -810,6 +810,17 @@ def run_interleaved(alternatives: dict, repeats: int) -> dict[str, list[Measurem
 
 # --- main ----------------------------------------------------------------------------------------
 
+def print_mfu(device, factor: int, why: str, ours: float, plain: float, n_params: int, peak) -> None:
+    """The MFU line of (c) and (a) at ``factor``·N FLOPs per token on a GPU; ``MFU: n/a (no GPU)``
+    elsewhere."""
+    if not device.cuda:
+        print("MFU: n/a (no GPU)")
+        return
+    flops = factor * n_params
+    print(f"MFU ({factor}·N·T{why}, N={n_params / 1e6:.1f}M): (c) {mfu(ours, flops, peak)}, "
+          f"(a) {mfu(plain, flops, peak)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("sft", "dpo", "both"), default="both", help="what to compare (default both)")
@@ -940,11 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             best_name = max((SFT_PADDING_FREE, SFT_PACKING), key=medians.get)
             best, ours = medians[best_name], medians[SFT_OURS]
             print(f"best TRL: {best_name} ({best / plain:.2f}x plain TRL)")
-            if device.cuda:
-                print(f"MFU (4·N·T, N={n_params / 1e6:.1f}M): (c) {mfu(ours, 4 * n_params, peak)}, "
-                      f"(a) {mfu(plain, 4 * n_params, peak)}")
-            else:
-                print("MFU: n/a (no GPU)")
+            print_mfu(device, 4, "", ours, plain, n_params, peak)
             speedups.append(f"sft speedup: {ours / plain:.2f}x vs plain TRL, {ours / best:.2f}x vs best TRL")
 
         if "dpo" in methods:
@@ -963,11 +970,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"its training-split reference pass before the loop: median {statistics.median(ref_times):.1f}s "
                   f"(included in its tokens/s)")
             plain, ours = medians[DPO_PLAIN], medians[DPO_OURS]
-            if device.cuda:
-                print(f"MFU (6·N·T: policy 4·N + reference 2·N per token, N={n_params / 1e6:.1f}M): "
-                      f"(c) {mfu(ours, 6 * n_params, peak)}, (a) {mfu(plain, 6 * n_params, peak)}")
-            else:
-                print("MFU: n/a (no GPU)")
+            print_mfu(device, 6, ": policy 4·N + reference 2·N per token", ours, plain, n_params, peak)
             speedups.append(f"dpo speedup: {ours / plain:.2f}x vs plain TRL")
         print()
         for line in speedups:

@@ -305,10 +305,6 @@ class DirectPreferenceOptimisation:
         """Data, model and a ready trainer for ``context`` (nothing trained yet; the reference
         log-probabilities are computed already): pairs tokenised once, packed without padding
         (:mod:`tuneforge_builtin.packed`), the LM head only on completion tokens."""
-        from transformers import TrainingArguments
-
-        from tuneforge_builtin import packed
-
         options = self.validate_options(context.method_options)
         hp = context.hyperparameters
         paths = trl_common.RunPaths.for_context(context)
@@ -321,12 +317,8 @@ class DirectPreferenceOptimisation:
         if not train_pairs:
             raise ValueError("the training split has no preference pairs")
 
-        device = trl_common.detect_device()
-        speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
-        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device,
-                                                               attn_implementation=speed.attention)
+        device, speed, model, tokenizer = trl_common.load_for_packed_training(context, paths)
         max_length = trl_common.max_sequence_length(model, context.base_model)
-        log.info("job %s: %s; reference log-probabilities computed once", context.job_id, speed.describe())
 
         def tokenized(pairs, split):
             out = [t for t in (tokenize_pair(p, tokenizer, max_length) for p in pairs) if t is not None]
@@ -342,15 +334,11 @@ class DirectPreferenceOptimisation:
         n_evals = hp.n_evals if eval_dataset is not None else 0
 
         total_steps = planned_total_steps(len(train_dataset), hp.batch_size, hp.max_epochs)
-        config = TrainingArguments(
-            **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
-            remove_unused_columns=False,
-            prediction_loss_only=True,
-        )
+        config = trl_common.packed_training_arguments(hp, context.seed, paths, device, total_steps)
         prepared = trl_common.prepare_trainer(
             preference_trainer_class(), context, paths, model=model, tokenizer=tokenizer, config=config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
-            data_collator=PreferenceCollator(), peft_by_trainer=False, beta=options["beta"],
+            data_collator=PreferenceCollator(), speed=speed, beta=options["beta"],
             # The base's DPO loss against itself is ln 2: compare greedy samples, not losses.
             evaluation_set=evaluation.preference_evaluation_set(test_pairs), evaluate_base_loss=False,
         )
@@ -360,7 +348,8 @@ class DirectPreferenceOptimisation:
         if eval_dataset is not None:
             trainer.eval_dataset = precompute_reference(trainer.model, eval_dataset, reference_batch,
                                                         trainer.args.device)
-        prepared.speed = speed
+        log.info("job %s: reference log-probabilities computed once (%d train, %d test pairs)", context.job_id,
+                 len(train_dataset), len(eval_dataset or ()))
         return prepared, options
 
 

@@ -118,8 +118,6 @@ class SpeedSettings:
 
     attention: str  # "flash_attention_2" (GPU with flash_attn) or "tuneforge_varlen"
     bf16: bool
-    padding_free: bool = True
-    loss_positions_only: bool = True
 
     def describe(self) -> str:
         return (f"padding-free batches (attention {self.attention}), LM head on loss positions only, "

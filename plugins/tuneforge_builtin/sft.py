@@ -241,12 +241,8 @@ class SupervisedFineTuning:
             raise ValueError("the training split has no usable examples")
 
         # --- model and tokenizer
-        device = trl_common.detect_device()
-        speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
-        model, tokenizer = trl_common.load_model_and_tokenizer(context, paths, device,
-                                                               attn_implementation=speed.attention)
+        device, speed, model, tokenizer = trl_common.load_for_packed_training(context, paths)
         max_length = trl_common.max_sequence_length(model, context.base_model)
-        log.info("job %s: %s", context.job_id, speed.describe())
 
         # --- tokenised once, here: input ids and labels (-100 where no loss), the same tokens and
         # masks TRL's SFTTrainer would make (tests/test_packed.py)
@@ -258,19 +254,12 @@ class SupervisedFineTuning:
         n_evals = hp.n_evals if eval_dataset is not None else 0
 
         total_steps = planned_total_steps(len(train_dataset), hp.batch_size, hp.max_epochs)
-        from transformers import TrainingArguments
-
-        config = TrainingArguments(
-            **trl_common.trainer_arguments(hp, context.seed, paths, device, total_steps),
-            remove_unused_columns=False,  # the collator takes input_ids and labels
-            prediction_loss_only=True,
-        )
+        config = trl_common.packed_training_arguments(hp, context.seed, paths, device, total_steps)
         prepared = trl_common.prepare_trainer(
             packed.packed_trainer_class(), context, paths, model=model, tokenizer=tokenizer, config=config,
             train_dataset=train_dataset, eval_dataset=eval_dataset, n_evals=n_evals,
-            data_collator=packed.PackedCollator(), peft_by_trainer=False,
+            data_collator=packed.PackedCollator(), speed=speed,
             evaluation_set=evaluation.conversation_evaluation_set(test_rows), evaluate_base_loss=True)
-        prepared.speed = speed
         return prepared, rule
 
 

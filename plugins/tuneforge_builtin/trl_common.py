@@ -175,6 +175,28 @@ def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: 
     return model, tokenizer
 
 
+def load_for_packed_training(context: TrainingContext, paths: RunPaths):
+    """``(device, speed, model, tokenizer)`` for a method that trains padding-free: the device's
+    settings (:class:`packed.SpeedSettings`) and the model loaded with the attention they chose."""
+    from tuneforge_builtin import packed
+
+    device = detect_device()
+    speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
+    model, tokenizer = load_model_and_tokenizer(context, paths, device, attn_implementation=speed.attention)
+    log.info("job %s: %s", context.job_id, speed.describe())
+    return device, speed, model, tokenizer
+
+
+def packed_training_arguments(hp: ResolvedHyperparameters, seed: int, paths: RunPaths, device: Device,
+                              total_steps: int):
+    """``TrainingArguments`` for the packed trainer: :func:`trainer_arguments`, the collator taking
+    the dataset's columns as they are, and loss-only evaluation."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**trainer_arguments(hp, seed, paths, device, total_steps),
+                             remove_unused_columns=False, prediction_loss_only=True)
+
+
 def max_sequence_length(model, spec: BaseModelSpec) -> int:
     max_positions = getattr(model.config, "max_position_embeddings", None) or spec.context_length
     return min(spec.context_length, max_positions)
@@ -258,7 +280,7 @@ class ScheduledLearningRate:
 
 @functools.cache
 def scheduled_trainer_class(base: type) -> type:
-    """``base`` (e.g. ``trl.SFTTrainer``) with the product's learning-rate schedule."""
+    """``base`` (e.g. ``packed.packed_trainer_class()``) with the product's learning-rate schedule."""
     return type(f"Scheduled{base.__name__}", (ScheduledLearningRate, base), {
         "__doc__": f"``{base.__name__}`` whose learning rate follows the product's multiplier.",
         "__module__": __name__,
@@ -422,23 +444,19 @@ class PreparedRun:
 
 def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPaths, *, model, tokenizer, config,
                     train_dataset, eval_dataset, n_evals: int, evaluation_set=None, evaluate_base_loss: bool = False,
-                    peft_by_trainer: bool = True, **trainer_kwargs) -> PreparedRun:
-    """A trainer of ``trainer_base`` (``packed.packed_trainer_class()``, or a TRL trainer) with the product's learning
-    rate schedule, LoRA from the hyperparameters, the schedule/progress callbacks, no console
-    output and the adapter anchored to the base model's absolute path. ``evaluation_set`` and
+                    speed=None, **trainer_kwargs) -> PreparedRun:
+    """A trainer of ``trainer_base`` (a ``transformers.Trainer``, e.g. ``packed.packed_trainer_class()``)
+    with the product's learning rate schedule, the LoRA adapter from the hyperparameters (added here
+    unless ``model`` is a ``PeftModel`` already), the schedule/progress callbacks, no console output
+    and the adapter anchored to the base model's absolute path. ``evaluation_set`` and
     ``evaluate_base_loss``: the comparison with the base model after training
-    (:mod:`tuneforge_builtin.evaluation`). ``peft_by_trainer``: the trainer (TRL's) adds the
-    LoRA adapter from ``peft_config``; otherwise (a plain ``transformers.Trainer``) it is added here,
-    unless ``model`` is a ``PeftModel`` already."""
+    (:mod:`tuneforge_builtin.evaluation`); ``speed``: the ``packed.SpeedSettings`` used."""
+    from peft import PeftModel, get_peft_model
+
     hp = context.hyperparameters
     run = RunState()
-    if peft_by_trainer:
-        trainer_kwargs["peft_config"] = lora_config(hp, context.base_model)
-    else:
-        from peft import PeftModel, get_peft_model
-
-        if not isinstance(model, PeftModel):
-            model = get_peft_model(model, lora_config(hp, context.base_model))
+    if not isinstance(model, PeftModel):
+        model = get_peft_model(model, lora_config(hp, context.base_model))
     trainer = scheduled_trainer_class(trainer_base)(
         model=model,
         args=config,
@@ -451,7 +469,7 @@ def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPath
         **trainer_kwargs,
     )
     quiet_and_anchor(trainer, paths)
-    return PreparedRun(trainer, tokenizer, run, paths, n_evals, evaluation_set, evaluate_base_loss)
+    return PreparedRun(trainer, tokenizer, run, paths, n_evals, evaluation_set, evaluate_base_loss, speed)
 
 
 def quiet_and_anchor(trainer, paths: RunPaths) -> None:
