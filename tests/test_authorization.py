@@ -162,6 +162,7 @@ CASES: dict[str, Case] = {
         example_ids=list(r.example_ids), topics=[r.topic])),
     "DatasetBuilderService/BuildDataset": Case("own", lambda r: dsb.BuildDatasetRequest(
         topics=[r.topic], method="sft", base_model="llama-3.2-1b", test_fraction=0.2, seed=1)),
+    "DatasetBuilderService/ListDatasets": Case("own", lambda r: dsb.ListDatasetsRequest()),
     "DatasetBuilderService/GetDataset": Case("scoped", lambda r: dsb.GetDatasetRequest(dataset_id=r.dataset_id)),
     "DatasetBuilderService/DownloadDataset": Case("scoped", lambda r: dsb.DownloadDatasetRequest(dataset_id=r.dataset_id)),
     # job-scheduler
@@ -193,6 +194,7 @@ CASES: dict[str, Case] = {
         model=r.model_name, agent_id=r.tag)),
     "ModelRegistryService/UnassignModel": Case("scoped", lambda r: mr.UnassignModelRequest(
         model=r.model_id, agent_id=r.agent_id)),
+    "ModelRegistryService/ListAssignments": Case("scoped", lambda r: mr.ListAssignmentsRequest(model=r.model_id)),
     "ModelRegistryService/DownloadModel": Case("scoped", lambda r: mr.DownloadModelRequest(model=r.model_name)),
     "ModelRegistryService/DeleteModel": Case("scoped", lambda r: mr.DeleteModelRequest(model=r.model_id)),
     # notifier
@@ -488,7 +490,7 @@ async def test_api_key_rules_and_cli(services, tmp_path):
         assert [k["label"] for k in listing["keys"]] == ["recovery", "laptop"]
         await _cli(data_dir, laptop, "workspaces", "keys", "revoke", recovered[:12])
         out = await _cli(data_dir, laptop, "workspaces", "keys", "revoke", laptop[:12], code=1)
-        assert out.startswith("error: FAILED_PRECONDITION: this is the workspace's last API key")
+        assert out.startswith("tuneforge: error: FAILED_PRECONDITION: this is the workspace's last API key")
     finally:
         await owner.close()
         await admin.close()

@@ -252,14 +252,14 @@ async def test_data_the_base_model_cannot_take_is_refused_at_validate_and_create
         # the same data on llama-3.1-8b (tool_calling) is accepted
         ok = await clients.job_scheduler.ValidateJob(js.ValidateJobRequest(spec=job(topics=["plain", "tools"],
                                                                                      base_model="llama-3.1-8b")))
-        assert not any("tool" in w or "dataset-builder" in w for w in ok.warnings), ok.warnings
+        assert not any("tool call" in w or "tool_calling" in w or "dataset-builder" in w for w in ok.warnings), ok.warnings
         created = await clients.job_scheduler.CreateJob(js.CreateJobRequest(
             spec=job(name="on-8b", topics=["plain", "tools"], base_model="llama-3.1-8b")))
         assert created.job.id and created.job.state == js.JOB_STATE_BUILDING_DATASET
 
         # a topic filter that leaves the tool calls out is accepted on llama-3.2-1b
         ok = await clients.job_scheduler.ValidateJob(js.ValidateJobRequest(spec=job(topics=["plain"])))
-        assert not any("tool" in w or "dataset-builder" in w for w in ok.warnings), ok.warnings
+        assert not any("tool call" in w or "tool_calling" in w or "dataset-builder" in w for w in ok.warnings), ok.warnings
 
         # reasoning traces on a Llama model: refused, naming the models that have reasoning
         reasoners = capabilities.capable_models(catalog, [REASONING])

@@ -88,13 +88,13 @@ def test_up_cli_round_trip_and_clean_stop(tmp_path):
         assert re.search(r"billing\s+125", topics) and re.search(r"support\s+500", topics)
 
         built = json.loads(tuneforge(data_dir, "datasets", "build", "--base-model", "llama-3.2-1b",
-                                     "--topic", "returns", key=key).stdout)
-        assert (int(built["trainCount"]), int(built["testCount"])) == (112, 13)
+                                     "--topic", "returns", "--json", key=key).stdout)["dataset"]
+        assert (int(built["train_count"]), int(built["test_count"])) == (112, 13)
         out = tmp_path / "download"
-        tuneforge(data_dir, "datasets", "download", built["datasetId"], str(out), key=key)
+        tuneforge(data_dir, "datasets", "download", built["dataset_id"], str(out), key=key)
         assert len((out / "test.jsonl").read_text().splitlines()) == 13
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["dataset_id"] == built["datasetId"] and manifest["topics"] == ["returns"]
+        assert manifest["dataset_id"] == built["dataset_id"] and manifest["topics"] == ["returns"]
 
         bad_beta = tuneforge(data_dir, "jobs", "create", "--name", "prefs", "--base-model", "qwen-2.5-14b",
                              "--method", "dpo", "--option", "beta=abc", key=key, check=False)

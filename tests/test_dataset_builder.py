@@ -222,6 +222,12 @@ def test_topic_filter_and_per_topic_counts_builder_level():
     prefs = stored([{"prompt": "q", "chosen": "x", "rejected": "y"}])
     assert build_snapshot(examples + prefs, options()).counts["filtered"] == 37
     assert build_snapshot(examples + prefs, options(kind="preferences", method="dpo")).counts["kept"] == 1
+    # the topic step on its own (any format): a and/or b = 10 + 15 + 5, plus the pair when it has "a"
+    prefs_a = stored([{"prompt": "q", "chosen": "x", "rejected": "y"}], ["a"])
+    assert build_snapshot(examples + prefs_a, options(topics=("a", "b"))).topic_matched == 31
+    assert build_snapshot(examples + prefs_a, options(topics=("a", "b"))).counts["filtered"] == 30
+    assert build_snapshot(examples + prefs, options(topics=("a", "b"))).topic_matched == 30
+    assert build_snapshot(examples + prefs, options()).topic_matched == 38  # no topics: every example
 
 
 @pytest.mark.parametrize("n,max_epochs,expected", [
@@ -790,3 +796,62 @@ async def test_openai_text_content_parts_are_imported_as_joined_strings(services
             (2, "messages[0].content[1].type", "unsupported_content_part")]
     finally:
         await clients.close()
+
+
+async def test_dry_run_builds_the_same_summary_and_stores_nothing(services, tmp_path):
+    """BuildDataset(dry_run): the summary of the real build (counts, topic step, split, warnings)
+    without dataset_id, artifact path or files; no snapshot listed, nothing in the artifact store.
+    ListDatasets: newest first, pages, this workspace only."""
+    from tuneforge.core.storage import ArtifactStore
+
+    endpoints, settings = services
+    clients = await workspace(endpoints)
+    other = await workspace(endpoints, email="other@example.com")
+    store = ArtifactStore(settings.resolved_artifact_url())
+    try:
+        await sdk.import_file(clients, write_jsonl(tmp_path / "a.jsonl", [simple(i) for i in range(30)]), topics=["a"])
+        await sdk.import_file(clients, write_jsonl(tmp_path / "c.jsonl", [simple(i) for i in range(30, 40)]),
+                              topics=["c"])
+        pairs = [{"prompt": f"q{i}", "chosen": "x", "rejected": "y"} for i in range(4)]
+        await sdk.import_file(clients, write_jsonl(tmp_path / "p.jsonl", pairs), topics=["a"])
+
+        dry = await build(clients, topics=["a"], seed=3, dry_run=True)
+        assert not dry.dataset.dataset_id and not dry.dataset.artifact_path and not dry.files
+        assert (dry.dataset.workspace_example_count, dry.dataset.topic_matched_count, dry.dataset.filtered_count,
+                dry.dataset.train_count, dry.dataset.test_count) == (44, 34, 30, 27, 3)
+        assert not (await clients.dataset_builder.ListDatasets(dsb.ListDatasetsRequest())).datasets
+        assert store.list("datasets") == []
+
+        real = await build(clients, topics=["a"], seed=3)
+        expected = dsb.BuildDatasetResponse()
+        expected.dataset.CopyFrom(real.dataset)
+        expected.dataset.ClearField("dataset_id")
+        expected.dataset.ClearField("artifact_path")
+        assert dry.dataset == expected.dataset and real.dataset.topic_matched_count == 34 and real.files
+
+        # a dry run that a build would refuse: its counts, and the refusal as a warning
+        nothing = await build(clients, topics=["missing"], dry_run=True)
+        assert (nothing.dataset.workspace_example_count, nothing.dataset.topic_matched_count,
+                nothing.dataset.train_count) == (44, 0, 0)
+        assert any(w.startswith("a build would be refused: no examples to train on: 44 examples in the workspace")
+                   for w in nothing.dataset.warnings)
+        err = await rpc_error(build(clients, topics=["missing"]))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "no examples to train on" in err.details()
+
+        # ListDatasets: newest first, in pages; another workspace sees none of them
+        ids = [real.dataset.dataset_id]
+        for seed in (4, 5):
+            ids.append((await build(clients, topics=["a"], seed=seed)).dataset.dataset_id)
+        first = await clients.dataset_builder.ListDatasets(dsb.ListDatasetsRequest(page_size=2))
+        second = await clients.dataset_builder.ListDatasets(dsb.ListDatasetsRequest(
+            page_size=2, page_token=first.next_page_token))
+        assert [e.dataset.dataset_id for e in [*first.datasets, *second.datasets]] == ids[::-1]
+        assert first.next_page_token and not second.next_page_token
+        assert first.datasets[0].create_time.ToDatetime() >= first.datasets[1].create_time.ToDatetime()
+        assert first.datasets[1].dataset.train_count == 27
+        assert not (await other.dataset_builder.ListDatasets(dsb.ListDatasetsRequest())).datasets
+        err = await rpc_error(clients.dataset_builder.ListDatasets(dsb.ListDatasetsRequest(page_token="x")))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await clients.close()
+        await other.close()

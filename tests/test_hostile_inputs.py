@@ -116,6 +116,7 @@ STRICT_FIELDS = {
     "AssignModelToAgent.model", "AssignModelToAgent.agent_id", "UnassignModel.model", "UnassignModel.agent_id",
     "ListDeliveries.job_id", "SendTestNotification.recipient", "ListExamples.page_token",
     "ListJobs.page_token", "ListModels.page_token", "ListDeliveries.page_token",
+    "ListModels.agent_id", "ListAssignments.model", "ListAssignments.agent_id", "ListDatasets.page_token",
 }
 STRICT_OK = {"empty"}  # empty means "the default" for some of them
 # Free text: the oversized value and NUL / escape codes are refused; the rest may be accepted.
@@ -497,9 +498,9 @@ async def test_hostile_corpus_breaks_nothing(services, tmp_path, monkeypatch):
         hostile_file = tmp_path / "hostile.jsonl"
         hostile_file.write_bytes(good_line(990) + b"\n" + b"[" * 5000 + b"]" * 5000 + b"\n" + b'{"text": 1e999}\n')
         for args, rc, first in (
-            (("jobs", "get", "../../etc/passwd"), 1, "error: INVALID_ARGUMENT: "),
-            (("jobs", "get", "job_00000000000000000000"), 1, "error: NOT_FOUND: "),
-            (("jobs", "create", "--name", "bad name!", "--base-model", "llama-3.2-1b"), 1, "error: INVALID_ARGUMENT: "),
+            (("jobs", "get", "../../etc/passwd"), 1, "tuneforge: error: INVALID_ARGUMENT: "),
+            (("jobs", "get", "job_00000000000000000000"), 1, "tuneforge: error: NOT_FOUND: "),
+            (("jobs", "create", "--name", "bad name!", "--base-model", "llama-3.2-1b"), 1, "tuneforge: error: INVALID_ARGUMENT: "),
             (("data", "import", str(hostile_file)), 1, None),
         ):
             code, out, err = await _cli(data_dir, key, *args)
@@ -568,7 +569,7 @@ def test_cli_set_values_are_one_line_errors(key, capsys, tmp_path):
         if code == 2:
             assert lines[0].startswith(f"tuneforge: error: --set {key}="), lines
         else:  # a value the CLI accepts gets as far as looking for the stack
-            assert code == 1 and "no running stack" in lines[0], (key, value, lines)
+            assert code == 3 and "no tuneforge stack" in lines[0], (key, value, lines)  # exit 3: unavailable
             assert not (key in INT_KEYS and value.strip() in ("2.5", "abc", "1e999", "nan", "-1", "")), (key, value)
 
 
@@ -600,7 +601,7 @@ def test_cli_bad_arguments_are_one_line_errors(capsys, tmp_path):
         (("data", "import", str(tmp_path / "missing.jsonl")), 2, "tuneforge: error: "),
         (("data", "import", str(tmp_path)), 2, "tuneforge: error: "),
         (("bogus",), 2, "tuneforge: error: argument command: invalid choice"),
-        (("jobs", "get", "job_1"), 1, "tuneforge: error: no running stack found"),
+        (("jobs", "get", "job_1"), 3, "tuneforge: error: no tuneforge stack in "),  # exit 3: unavailable
         (("--api-key", "ключ", "jobs", "get", "job_1"), 2, "tuneforge: error: --api-key: an API key is printable"),
         (("--api-key", "a\nb", "models", "list"), 2, "tuneforge: error: --api-key: an API key is printable"),
         (("demo", "--set", "learning_rate=abc"), 2, "tuneforge: error: --set learning_rate=abc: learning_rate must be"),
@@ -617,14 +618,16 @@ def test_cli_unreachable_server_names_the_address(capsys, tmp_path):
         name: "127.0.0.1:9" for name in ("dataset-builder", "job-scheduler", "trainer", "model-registry", "notifier")}}))
     code, out, err = run_cli(capsys, "--data-dir", str(tmp_path), "--api-key", "tfk_x", "jobs", "get", "job_1")
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE: ") and "127.0.0.1:9" in lines[0]
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("tuneforge: error: UNAVAILABLE: ") and "127.0.0.1:9" in lines[0]
 
 
 def test_cli_unexpected_error_is_one_line_and_a_hint(capsys, tmp_path, monkeypatch):
     def explode(args):
         raise RuntimeError("something\nunexpected")
 
-    monkeypatch.setattr(cli, "cmd_job_get", explode)
+    from tuneforge.cli import jobs as cli_jobs
+
+    monkeypatch.setattr(cli_jobs, "cmd_job_get", explode)
     monkeypatch.delenv("TUNEFORGE_DEBUG", raising=False)
     code, out, err = run_cli(capsys, "--data-dir", str(tmp_path), "jobs", "get", "job_1")
     assert code == 1 and err.strip().splitlines() == [

@@ -134,7 +134,7 @@ def test_sft_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     message = smtp_server.messages[0]
     assert message["To"] == "owner@example.com"
     assert JOB_NAME in message["Subject"]
-    assert JOB_NAME in message.get_content()
-    assert f"Eval loss: base {model.metrics.base_eval_loss:.4f} -> fine-tuned" in message.get_content()
-    assert f"Samples from the test split (greedy, base model vs fine-tuned, {len(samples)}):" in message.get_content()
+    assert JOB_NAME in message.get_body(("plain",)).get_content()
+    assert f"Eval loss: base {model.metrics.base_eval_loss:.4f} -> fine-tuned" in message.get_body(("plain",)).get_content()
+    assert f"Samples from the test split (greedy, base model vs fine-tuned, {len(samples)}):" in message.get_body(("plain",)).get_content()
     assert [d.destination for d in outcome.deliveries] == [f"smtp://{smtp_server.host}:{smtp_server.port}"]

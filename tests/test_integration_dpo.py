@@ -120,7 +120,7 @@ def test_dpo_job_end_to_end(tmp_path, smtp_server, stand_in_store):
     assert len(smtp_server.messages) == 1
     message = smtp_server.messages[0]
     assert JOB_NAME in message["Subject"]
-    body = message.get_content()
+    body = message.get_body(("plain",)).get_content()
     assert f"DPO on {BASE_MODEL}" in body
     accuracy = f"{extra['eval_reward_accuracy']:.1%}"
     assert f"Reward accuracy on the test split (preferred output scored higher): {accuracy}" in body

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.core.nats_server import free_port
-from tuneforge.notifier.mailer import MailDeliveryError, SmtpSettings, compose, deliver
+from tuneforge.notifier.mailer import InlineImage, MailDeliveryError, SmtpSettings, compose, deliver
 
 SENDER = "Tuneforge <noreply@tuneforge.example>"
 TO = "ada@example.com"
@@ -91,3 +91,24 @@ async def test_smtp_failure_raises_mail_delivery_error(tmp_path: Path) -> None:
     assert info.value.__cause__ is not None
     assert isinstance(info.value.__cause__, OSError)  # aiosmtplib's SMTPConnectError is a ConnectionError
     assert list(tmp_path.iterdir()) == []  # no silent fallback to the outbox
+
+
+def test_compose_with_html_and_an_inline_image_is_multipart_alternative(tmp_path: Path) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    image = InlineImage("loss.dlv_1@tuneforge", png, "png", "loss.png")
+    message = _message(html='<p>Loss:</p><img src="cid:loss.dlv_1@tuneforge">', images=[image])
+    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    assert [p.get_content_type() for p in parsed.walk()] == [
+        "multipart/alternative", "text/plain", "multipart/related", "text/html", "image/png"]
+    # plain-text readers get the text part alone; HTML readers the page and its picture
+    assert parsed.get_body(("plain",)).get_content() == "Your fine-tuning job ft-42 finished.\nModel: acme/llama-ft-42\n"
+    assert parsed.get_body(("html",)).get_content().startswith("<p>Loss:</p>")
+    picture = next(p for p in parsed.walk() if p.get_content_type() == "image/png")
+    assert picture["Content-ID"] == "<loss.dlv_1@tuneforge>" and picture.get_content_disposition() == "inline"
+    assert picture.get_content() == png
+
+    with pytest.raises(ValueError, match="need an HTML part"):
+        _message(images=[image])
+    for bad in ("", "no-at-sign", "a b@c", "<x@y>"):
+        with pytest.raises(ValueError, match="Content-ID"):
+            InlineImage(bad, png)

@@ -78,7 +78,8 @@ def test_models_get_shows_lineage_metrics_and_files(trained):
 def test_models_get_unknown_name_is_one_line(trained):
     result = tuneforge(trained, "models", "get", "no-such-model")
     assert result.returncode == 1
-    assert result.stderr.startswith("error: NOT_FOUND") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("tuneforge: error: NOT_FOUND") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_models_try_downloads_once_then_answers_a_conversation(trained):

@@ -30,7 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneforge.core.hyperparameters import ResolvedHyperparameters, learning_rate_multiplier
+from tuneforge.core.hyperparameters import (  # noqa: F401  (spread, planned_total_steps: used by the methods too)
+    ResolvedHyperparameters, learning_rate_multiplier, planned_total_steps, spread,
+)
 from tuneforge.training import (
     BaseModelSpec,
     CheckpointReport,
@@ -72,17 +74,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
             rows.append(template_row(row))
     return rows
-
-
-def spread(n: int, total_steps: int) -> list[int]:
-    """``n`` steps spread evenly over ``1..total_steps``, the last one at ``total_steps``."""
-    if n <= 0 or total_steps <= 0:
-        return []
-    return sorted({max(1, -(-k * total_steps // n)) for k in range(1, n + 1)})
-
-
-def planned_total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
-    return math.ceil(n_examples / batch_size) * epochs
 
 
 @dataclasses.dataclass
@@ -537,6 +528,8 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
         tool_call_accuracy=comparison.tool_call_accuracy if comparison else None,
         base_tool_call_accuracy=comparison.base_tool_call_accuracy if comparison else None,
         samples=list(comparison.samples) if comparison else [],
+        # The packed trainers count real tokens (packed.packed_trainer_class); others: not counted.
+        trained_tokens=(int(trainer.real_tokens_seen) if hasattr(trainer, "real_tokens_seen") else None),
     )
 
 

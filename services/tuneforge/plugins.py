@@ -94,3 +94,21 @@ def collect(pm: pluggy.PluginManager) -> Registry:
 def get_registry() -> Registry:
     """The process-wide registry of installed plugins."""
     return collect(make_plugin_manager())
+
+
+def base_model_messages(base_model: str = "") -> list:
+    """The installed base catalog as ``common.v1.BaseModel`` messages by id (``base_model``: that
+    one only): what ListBaseModels (job-scheduler) and ListModels' catalog (model-registry) send."""
+    from tuneforge.api.common.v1 import common_pb2
+
+    registry = get_registry()
+    return [
+        common_pb2.BaseModel(
+            id=s.id, display_name=s.display_name, description=s.description, family=s.family,
+            parameter_count=s.parameter_count, context_length=s.context_length,
+            lora_target_modules=s.lora_target_modules, default_lora_target_modules=s.default_lora_target_modules,
+            capabilities=s.capabilities, source=s.source, plugin=registry.model_plugins.get(s.id, ""),
+        )
+        for s in sorted(registry.base_models.values(), key=lambda s: s.id)
+        if not base_model or s.id == base_model
+    ]

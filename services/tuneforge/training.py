@@ -161,6 +161,9 @@ class TrainingResult:
     base_tool_call_accuracy: float | None = None
     # Greedy answers side by side: dicts with prompt_json, prompt, reference, base_answer, tuned_answer.
     samples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # Real tokens (no padding) this run trained on over all its epochs, since it started or resumed:
+    # the same span as its train time, so tokens / seconds is the throughput. None: not counted.
+    trained_tokens: int | None = None
 
 
 @dataclasses.dataclass

@@ -12,6 +12,10 @@ from grpc_status import rpc_status
 
 MAX_MESSAGE = 2000  # characters of a status message
 MAX_VIOLATIONS = 50  # field violations sent back
+ERROR_DOMAIN = "tuneforge.dev"  # google.rpc.ErrorInfo domain of our reasons
+PLAN_REQUIRED = "PLAN_REQUIRED"  # the workspace's plan does not include the feature (Enterprise)
+MODEL_IN_USE = "MODEL_IN_USE"  # the model is assigned to an agent
+AGENT_HAS_MODEL = "AGENT_HAS_MODEL"  # the agent already uses another model
 
 
 def _clip(text: str, limit: int) -> str:
@@ -21,11 +25,13 @@ def _clip(text: str, limit: int) -> str:
 class ServiceError(Exception):
     """Raised inside a servicer; the server turns it into a gRPC status with details."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations: Iterable[tuple[str, str]] = ()):
+    def __init__(self, code: grpc.StatusCode, message: str, violations: Iterable[tuple[str, str]] = (),
+                 reason: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
         self.violations = list(violations)
+        self.reason = reason  # google.rpc.ErrorInfo reason, e.g. "PLAN_REQUIRED": what a client branches on
 
     def to_status(self) -> grpc.Status:
         """The status, bounded: the message and details travel in HTTP/2 trailers, where a
@@ -42,6 +48,10 @@ class ServiceError(Exception):
                 )
             )
             status.details.append(detail)
+        if self.reason:
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
+            status.details.append(detail)
         return rpc_status.to_status(status)
 
 
@@ -53,8 +63,13 @@ def not_found(what: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
 
 
-def failed_precondition(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)
+def failed_precondition(message: str, reason: str = "") -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason=reason)
+
+
+def plan_required(message: str) -> ServiceError:
+    """FAILED_PRECONDITION with ErrorInfo reason PLAN_REQUIRED (a client raises ``PlanRequired``)."""
+    return failed_precondition(message, PLAN_REQUIRED)
 
 
 def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[str, str]]:
@@ -70,3 +85,15 @@ def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[
             out.extend((v.field, v.description) for v in info.field_violations)
     return out
 
+
+def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
+    """Client side: the google.rpc.ErrorInfo reason of an error ("" when none)."""
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    if status is None:
+        return ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""

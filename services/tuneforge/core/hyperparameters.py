@@ -6,6 +6,7 @@ One place validates them for every entry point (CreateJob, ValidateJob, the trai
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 TRAIN_ON_INPUTS_CHOICES = ("auto", "true", "false")
@@ -172,6 +173,55 @@ def learning_rate_multiplier(step: int, total_steps: int, warmup_ratio: float, p
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     return peak_ratio + (1.0 - peak_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def spread(n: int, total_steps: int) -> list[int]:
+    """``n`` steps spread evenly over ``1..total_steps``, the last one at ``total_steps``: where
+    training evaluates (``n_evals``) and keeps checkpoints (``n_checkpoints``)."""
+    if n <= 0 or total_steps <= 0:
+        return []
+    return sorted({max(1, -(-k * total_steps // n)) for k in range(1, n + 1)})
+
+
+def planned_total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimisation steps of ``epochs`` passes over ``n_examples`` in batches of ``batch_size``
+    (the last batch of an epoch may be short)."""
+    return math.ceil(n_examples / batch_size) * epochs
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Steps of linear warmup, as ``learning_rate_multiplier`` counts them."""
+    return int(math.ceil(warmup_ratio * max(1, total_steps)))
+
+
+MAX_SCHEDULE_POINTS = 40  # points of ``learning_rate_points``: enough for a small plot
+
+
+def learning_rate_points(learning_rate: float, total_steps: int, warmup_ratio: float, peak_ratio: float,
+                         max_points: int = MAX_SCHEDULE_POINTS) -> list[tuple[int, float]]:
+    """``(step, learning rate)`` for steps counted from 1, where the schedule changes course
+    and at its ends: step 1, the last warmup step, the first step after the warmup and the last
+    step; with a cosine decay (``peak_ratio`` > 0) also evenly spaced steps along it, up to
+    ``max_points`` in all. The rate at step ``s`` is the one the trainer's scheduler uses for
+    that step: ``learning_rate x learning_rate_multiplier(s - 1, ...)`` (the scheduler starts at
+    its step 0 and advances after every optimisation step). Between two points the schedule is
+    a straight line (warmup, constant) or close to one (the cosine between sampled steps)."""
+    if total_steps <= 0:
+        return []
+    warmup = min(warmup_steps(total_steps, warmup_ratio), total_steps)
+    steps = {1, total_steps}
+    if warmup:
+        steps.add(warmup)
+        if warmup < total_steps:
+            steps.add(warmup + 1)
+    first_decay = warmup + 1
+    if peak_ratio > 0 and first_decay < total_steps:
+        room = max(0, max_points - len(steps))
+        span = total_steps - first_decay
+        for k in range(1, room + 1):
+            steps.add(first_decay + round(k * span / (room + 1)))
+    return [(s, learning_rate * learning_rate_multiplier(s - 1, total_steps, warmup_ratio, peak_ratio))
+            for s in sorted(steps)]
 
 
 def to_proto(resolved: ResolvedHyperparameters):

@@ -27,10 +27,14 @@ TRAINING_RUN_SUCCEEDED = "tuneforge.training.run.succeeded"
 TRAINING_RUN_FAILED = "tuneforge.training.run.failed"
 TRAINING_RUN_CANCELLED = "tuneforge.training.run.cancelled"
 TRAINING_RUN_CANCEL_REQUESTED = "tuneforge.training.run.cancel_requested"
+TRAINER_WORKER_SEEN = "tuneforge.training.worker.seen"
 
 MODEL_REGISTRATION_REQUESTED = "tuneforge.model.registration.requested"
 MODEL_REGISTRATION_SUCCEEDED = "tuneforge.model.registration.succeeded"
 MODEL_REGISTRATION_FAILED = "tuneforge.model.registration.failed"
+MODEL_ASSIGNED = "tuneforge.model.assignment.created"
+MODEL_UNASSIGNED = "tuneforge.model.assignment.deleted"
+MODEL_DELETED = "tuneforge.model.model.deleted"
 
 JOB_SUCCEEDED = "tuneforge.job.job.succeeded"
 JOB_FAILED = "tuneforge.job.job.failed"
@@ -49,9 +53,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     TRAINING_RUN_FAILED: ev.TrainingRunFailed,
     TRAINING_RUN_CANCELLED: ev.TrainingRunCancelled,
     TRAINING_RUN_CANCEL_REQUESTED: ev.TrainingRunCancelRequested,
+    TRAINER_WORKER_SEEN: ev.TrainerWorkerSeen,
     MODEL_REGISTRATION_REQUESTED: ev.ModelRegistrationRequested,
     MODEL_REGISTRATION_SUCCEEDED: ev.ModelRegistrationSucceeded,
     MODEL_REGISTRATION_FAILED: ev.ModelRegistrationFailed,
+    MODEL_ASSIGNED: ev.ModelAssigned,
+    MODEL_UNASSIGNED: ev.ModelUnassigned,
+    MODEL_DELETED: ev.ModelDeleted,
     JOB_SUCCEEDED: ev.JobSucceeded,
     JOB_FAILED: ev.JobFailed,
     JOB_CANCELLED: ev.JobCancelled,

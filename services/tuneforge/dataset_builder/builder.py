@@ -64,6 +64,7 @@ class Snapshot:
     manifest: dict[str, Any]
     tokenizer: str = ""
     new_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    topic_matched: int = 0  # examples with one of the topics, any format (before the format step)
 
 
 def split_count(n: int, test_fraction: float) -> int:
@@ -125,6 +126,15 @@ def select_examples(examples: Sequence[StoredExample], topics: Sequence[str], ki
     for e in filtered:
         unique.setdefault(e.content_hash, e)
     return filtered, sorted(unique.values(), key=lambda e: e.content_hash)
+
+
+def topic_matched_count(examples: Sequence[StoredExample], topics: Sequence[str]) -> int:
+    """Examples with one of ``topics`` (all when empty), of any format: the topic step of the
+    build counted on its own (``select_examples`` applies topics and format in one pass)."""
+    wanted = set(topics)
+    if not wanted:
+        return len(examples)
+    return sum(1 for e in examples if not wanted.isdisjoint(e.topics))
 
 
 def build_snapshot(
@@ -207,7 +217,8 @@ def build_snapshot(
         "test_hashes": [e.content_hash for e in test],
     }
     return Snapshot(dataset_id, content_hash, options, train, test, counts, dict(topic_counts), stats, rule,
-                    warnings, manifest, tokenizer if count_examples else "", new_counts)
+                    warnings, manifest, tokenizer if count_examples else "", new_counts,
+                    topic_matched_count(examples, options.topics))
 
 
 def _warnings(counts: dict[str, int], options: BuildOptions, tokenizer: str) -> list[str]:

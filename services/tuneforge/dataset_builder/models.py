@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tuneforge.core.db import UTCDateTime, utcnow
@@ -50,6 +50,8 @@ class TokenCountRow(Base):
 
 class DatasetRow(Base):
     __tablename__ = "datasets"
+    # ListDatasets: a workspace's snapshots newest first without a sort.
+    __table_args__ = (Index("ix_datasets_workspace_created", "workspace_id", text("created_at DESC"), "id"),)
 
     # Content-addressed: two workspaces with the same data and settings get the same id.
     workspace_id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -145,9 +145,16 @@ class DatasetBuilder(BaseService):
 
     async def build(self, workspace_id, topics, method, kind, base_model, test_fraction, seed,
                     train_on_inputs="auto", overlength=common_pb2.OVERLENGTH_POLICY_UNSPECIFIED, max_epochs=0,
-                    *, require_capabilities=False):
+                    *, require_capabilities=False, dry_run=False):
         """Build (or find) the snapshot. ``require_capabilities`` (a job that fine-tunes): data the
-        base model cannot take (core.capabilities) is refused; otherwise it is a warning."""
+        base model cannot take (core.capabilities) is refused; otherwise it is a warning.
+
+        ``dry_run``: the same steps and the same summary, but nothing of the snapshot is kept (no
+        files, no dataset row, no event); the summary has no ``dataset_id`` or ``artifact_path``
+        and the files list is empty. A build that would be refused for want of examples returns
+        its counts with that refusal as a warning instead, so a dry run can show where the data
+        went. Token counts are still cached (``token_counts``, keyed by content hash): they are
+        no part of a snapshot and spare the real build the counting."""
         violations = []
         registry = get_registry()
         if method not in registry.methods:
@@ -187,11 +194,9 @@ class DatasetBuilder(BaseService):
         )
         if snap.new_counts:
             await self._store_counts(workspace_id, counter.key, snap.new_counts)
-        if not snap.train:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "no examples to train on: " + builder.describe_counts(snap.counts, options),
-            )
+        refusal = "" if snap.train else "no examples to train on: " + builder.describe_counts(snap.counts, options)
+        if refusal and not dry_run:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         summary = common_pb2.DatasetSummary(
             dataset_id=snap.dataset_id,
             content_hash=snap.content_hash,
@@ -210,12 +215,19 @@ class DatasetBuilder(BaseService):
             train_on_inputs_rule=snap.train_on_inputs_rule,
             tokenizer=snap.tokenizer,
             context_length=options.context_length,
+            topic_matched_count=snap.topic_matched,
         )
         if snap.token_stats:
             for split, field in (("train", summary.train_tokens), ("test", summary.test_tokens)):
                 st = snap.token_stats[split]
                 field.CopyFrom(common_pb2.TokenStats(count=st["count"], total=st["total"], mean=st["mean"],
                                                      p50=st["p50"], p95=st["p95"], max=st["max"]))
+        if dry_run:
+            summary.ClearField("dataset_id")
+            summary.ClearField("artifact_path")
+            if refusal:
+                summary.warnings.append(f"a build would be refused: {refusal}")
+            return summary, []
         async with self._build_lock:
             async with self.db.session() as session:
                 existing = await session.get(DatasetRow, (workspace_id, snap.dataset_id))
@@ -618,9 +630,31 @@ class DatasetBuilderServicer(pb_grpc.DatasetBuilderServiceServicer):
         summary, files = await self.app.build(
             workspace.id, list(request.topics), request.method or "sft", "", request.base_model,
             request.test_fraction or 0.1, request.seed, request.train_on_inputs or "auto",
-            request.overlength_policy, request.max_epochs,
+            request.overlength_policy, request.max_epochs, dry_run=request.dry_run,
         )
         return pb.BuildDatasetResponse(dataset=summary, files=[common_pb2.ArtifactFile(**f) for f in files])
+
+    async def ListDatasets(self, request, context):
+        """The workspace's snapshots, newest first (offset pages, as ListJobs)."""
+        workspace = current_workspace()
+        val.check("invalid request", lambda v: val.page(v, request))
+        page = Page.of(request, default=50, maximum=200)
+        async with self.app.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(DatasetRow.summary, DatasetRow.created_at)
+                    .where(DatasetRow.workspace_id == workspace.id)
+                    .order_by(DatasetRow.created_at.desc(), DatasetRow.id)
+                    .offset(page.offset)
+                    .limit(page.size + 1)
+                )
+            ).all()
+        return pb.ListDatasetsResponse(
+            datasets=[pb.DatasetListEntry(dataset=common_pb2.DatasetSummary.FromString(summary),
+                                          create_time=timestamp(created_at))
+                      for summary, created_at in rows[:page.size]],
+            next_page_token=page.next_token(len(rows)),
+        )
 
     async def _dataset(self, dataset_id: str) -> DatasetRow:
         workspace = current_workspace()

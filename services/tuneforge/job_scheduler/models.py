@@ -36,6 +36,8 @@ class JobRow(Base):
     progress: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # TrainingProgress
     metrics: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # TrainingMetrics
     adapter_path: Mapped[str] = mapped_column(String(512), default="")
+    # The run's report folder (loss.png, report.json), once training has run.
+    report_path: Mapped[str] = mapped_column(String(512), default="", server_default="")
     model_name: Mapped[str] = mapped_column(String(64), default="")
     model_id: Mapped[str] = mapped_column(String(64), default="")
     notify_email: Mapped[str] = mapped_column(String(320))
@@ -103,3 +105,37 @@ class ApiKeyRecordRow(Base):
     label: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TrainerWorkerRow(Base):
+    """A trainer worker as last announced (``TrainerWorkerSeen``): the hardware a dry run
+    estimates wall time for. A worker not seen for 3 of its periods counts as gone."""
+
+    __tablename__ = "trainer_workers"
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(200))
+    device_count: Mapped[int] = mapped_column(Integer, default=1)
+    period_seconds: Mapped[int] = mapped_column(Integer, default=60)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ThroughputRow(Base):
+    """One measured training run (``TrainingRunSucceeded``): tokens per second of a base model
+    on a device class. One row per job and attempt, so a redelivered event counts once."""
+
+    __tablename__ = "training_throughput"
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", name="uq_throughput_run"),
+        Index("ix_throughput_model_device", "base_model", "device_class", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(64))
+    device_class: Mapped[str] = mapped_column(String(200))
+    trained_tokens: Mapped[int] = mapped_column(Integer)
+    train_seconds: Mapped[float] = mapped_column(Float)
+    tokens_per_second: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

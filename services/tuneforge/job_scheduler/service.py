@@ -4,6 +4,7 @@ their history, and owns workspaces and API keys."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import re
 import uuid
@@ -11,6 +12,7 @@ from collections import defaultdict
 
 import grpc
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -29,10 +31,12 @@ from tuneforge.core.rpc import Page, timestamp
 from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.workspaces import hash_api_key, new_api_key
-from tuneforge.job_scheduler import api_keys, capability_check
+from tuneforge.job_scheduler import api_keys, capability_check, plan
 from tuneforge.job_scheduler import state_machine as sm
-from tuneforge.job_scheduler.models import Base, CheckpointRow, JobEventRow, JobRow, WorkspaceSecretRow
-from tuneforge.plugins import get_registry
+from tuneforge.job_scheduler.models import (
+    Base, CheckpointRow, JobEventRow, JobRow, ThroughputRow, TrainerWorkerRow, WorkspaceSecretRow,
+)
+from tuneforge.plugins import base_model_messages, get_registry
 from tuneforge.training import ALL_LORA_MODULES
 
 log = logging.getLogger(__name__)
@@ -73,11 +77,12 @@ class JobScheduler(BaseService):
             subjects.TRAINING_RUN_STARTED: self.on_training_started,
             subjects.TRAINING_RUN_PROGRESS: self.on_training_progress,
             subjects.TRAINING_RUN_CHECKPOINT: self.on_training_checkpoint,
-            subjects.TRAINING_RUN_SUCCEEDED: self.on_training_succeeded,
+            subjects.TRAINING_RUN_SUCCEEDED: self.on_training_succeeded_measured,
             subjects.TRAINING_RUN_FAILED: self.on_training_failed,
             subjects.TRAINING_RUN_CANCELLED: self.on_training_cancelled,
             subjects.MODEL_REGISTRATION_SUCCEEDED: self.on_model_registered,
             subjects.MODEL_REGISTRATION_FAILED: self.on_registration_failed,
+            subjects.TRAINER_WORKER_SEEN: self.on_worker_seen,
         }
 
         async def dispatch(subject, message, _msg):
@@ -153,6 +158,7 @@ class JobScheduler(BaseService):
     def _fail(self, session: AsyncSession, job: JobRow, reason: str, kind: int):
         job.failure_reason = reason
         job.failure_kind = kind
+        spec = self._spec(job)
         self.outbox.add(
             session,
             subjects.JOB_FAILED,
@@ -162,6 +168,10 @@ class JobScheduler(BaseService):
                 owner_email=job.notify_email,
                 reason=reason,
                 failure_kind=kind,
+                report_path=job.report_path or "",
+                failed_in_state=pb.JobState.Name(job.state),
+                base_model=spec.base_model,
+                method=spec.method,
             ),
         )
 
@@ -177,6 +187,8 @@ class JobScheduler(BaseService):
             model_id=job.model_id,
             base_model=spec.base_model,
             method=spec.method,
+            report_path=job.report_path or "",
+            hyperparameters=common_pb2.Hyperparameters.FromString(job.resolved_hyperparameters),
         )
         if job.metrics:
             msg.metrics.CopyFrom(common_pb2.TrainingMetrics.FromString(job.metrics))
@@ -220,6 +232,7 @@ class JobScheduler(BaseService):
                         method_options_json=spec.method_options_json or "{}",
                         hyperparameters=resolved,
                         dataset=d,
+                        job_name=job.name,
                     ),
                 )
         self._changed_now(event.meta.job_id)
@@ -227,11 +240,13 @@ class JobScheduler(BaseService):
     async def on_dataset_failed(self, event: ev.DatasetBuildFailed) -> None:
         await self._fail_job(event.meta, event.reason, event.failure_kind)
 
-    async def _fail_job(self, meta: ev.EventMeta, reason: str, kind: int) -> None:
+    async def _fail_job(self, meta: ev.EventMeta, reason: str, kind: int, report_path: str = "") -> None:
         async with self.db.session() as session, session.begin():
             job = await self._job_for_update(session, meta)
             if job is None or not sm.can_transition(job.state, S.JOB_STATE_FAILED):
                 return
+            if report_path:
+                job.report_path = report_path
             self._fail(session, job, reason, kind)
             await self._transition(session, job, S.JOB_STATE_FAILED, reason)
         self._changed_now(meta.job_id)
@@ -305,6 +320,7 @@ class JobScheduler(BaseService):
                 return
             job.metrics = event.metrics.SerializeToString()
             job.adapter_path = event.adapter_path
+            job.report_path = event.report_path
             spec = self._spec(job)
             self.outbox.add(
                 session,
@@ -328,7 +344,7 @@ class JobScheduler(BaseService):
             job = await session.get(JobRow, event.meta.job_id)
             if job is not None and event.attempt < job.attempt:
                 return
-        await self._fail_job(event.meta, event.reason, event.failure_kind)
+        await self._fail_job(event.meta, event.reason, event.failure_kind, report_path=event.report_path)
 
     async def on_training_cancelled(self, event: ev.TrainingRunCancelled) -> None:
         async with self.db.session() as session, session.begin():
@@ -343,6 +359,79 @@ class JobScheduler(BaseService):
                                     owner_email=job.notify_email),
                 )
         self._changed_now(event.meta.job_id)
+
+    async def on_training_succeeded_measured(self, event: ev.TrainingRunSucceeded) -> None:
+        """The run's throughput first (idempotent on its own; best effort: a measurement that
+        cannot be kept never holds up the job), then the job's next state."""
+        try:
+            await self.record_throughput(event)
+        except Exception:
+            log.exception("job %s: the run's throughput could not be recorded", event.meta.job_id)
+        await self.on_training_succeeded(event)
+
+    async def record_throughput(self, event: ev.TrainingRunSucceeded) -> None:
+        """Keep the run's tokens per second for its base model and device class, for the wall-time
+        estimates of later dry runs (``plan.wall_time_estimates``). One row per job and attempt,
+        so a redelivered event counts once; a run that did not say what it trained on, where or
+        for how long is no measurement."""
+        seconds = event.metrics.train_seconds
+        if not (event.device_class and event.trained_tokens > 0 and seconds > 0 and event.meta.job_id):
+            return
+        try:
+            async with self.db.session() as session, session.begin():
+                job = await self._job_for_update(session, event.meta)
+                if job is None:
+                    return
+                known = (await session.execute(select(ThroughputRow.id).where(
+                    ThroughputRow.job_id == job.id, ThroughputRow.attempt == event.attempt))).first()
+                if known is not None:
+                    return
+                session.add(ThroughputRow(
+                    job_id=job.id, attempt=event.attempt, base_model=self._spec(job).base_model,
+                    device_class=event.device_class[:200], trained_tokens=event.trained_tokens,
+                    train_seconds=seconds, tokens_per_second=event.trained_tokens / seconds))
+        except IntegrityError:  # the same run recorded concurrently (another replica): kept once
+            log.info("throughput of job %s attempt %d recorded already", event.meta.job_id, event.attempt)
+
+    async def on_worker_seen(self, event: ev.TrainerWorkerSeen) -> None:
+        """A trainer worker is alive: keep when it was last seen (the announcement's own time, so
+        an old announcement replayed from the stream does not make a gone worker look alive)."""
+        if not event.worker_id:
+            return
+        now = utcnow()
+        seen = event.meta.occurred_at.ToDatetime(dt.timezone.utc) if event.meta.HasField("occurred_at") else now
+        seen = min(seen, now)  # a worker clock ahead of ours
+        async with self.db.session() as session, session.begin():
+            row = await session.get(TrainerWorkerRow, event.worker_id[:128])
+            if row is None:
+                session.add(TrainerWorkerRow(
+                    worker_id=event.worker_id[:128], device_class=event.device_class[:200] or "cpu",
+                    device_count=event.device_count, period_seconds=event.period_seconds or 60, last_seen_at=seen))
+            elif seen >= row.last_seen_at:
+                row.device_class = event.device_class[:200] or "cpu"
+                row.device_count = event.device_count
+                row.period_seconds = event.period_seconds or 60
+                row.last_seen_at = seen
+
+    async def trainer_hardware(self, base_model: str) -> tuple[list[plan.Worker], list[plan.Measurement]]:
+        """The workers seen and the recent measured runs of ``base_model`` (``plan.MEASURED_RUNS``
+        per device class, newest first)."""
+        async with self.db.session() as session:
+            workers = (await session.execute(select(TrainerWorkerRow))).scalars().all()
+            rows = (await session.execute(
+                select(ThroughputRow.device_class, ThroughputRow.tokens_per_second)
+                .where(ThroughputRow.base_model == base_model)
+                .order_by(ThroughputRow.created_at.desc(), ThroughputRow.id.desc())
+                .limit(plan.MEASURED_RUNS * 40)  # recent runs are enough, however many there were
+            )).all()
+        per_class: dict[str, int] = defaultdict(int)
+        measurements = []
+        for device_class, rate in rows:
+            per_class[device_class] += 1
+            if per_class[device_class] <= plan.MEASURED_RUNS:
+                measurements.append(plan.Measurement(base_model, device_class, rate))
+        return ([plan.Worker(w.worker_id, w.device_class, w.last_seen_at, w.period_seconds) for w in workers],
+                measurements)
 
     async def on_model_registered(self, event: ev.ModelRegistrationSucceeded) -> None:
         async with self.db.session() as session, session.begin():
@@ -387,22 +476,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         current_workspace()
         registry = get_registry()
         return pb.ListBaseModelsResponse(
-            base_models=[
-                pb.BaseModel(
-                    id=s.id,
-                    display_name=s.display_name,
-                    description=s.description,
-                    family=s.family,
-                    parameter_count=s.parameter_count,
-                    context_length=s.context_length,
-                    lora_target_modules=s.lora_target_modules,
-                    default_lora_target_modules=s.default_lora_target_modules,
-                    capabilities=s.capabilities,
-                    source=s.source,
-                    plugin=registry.model_plugins.get(s.id, ""),
-                )
-                for s in sorted(registry.base_models.values(), key=lambda s: s.id)
-            ],
+            base_models=base_model_messages(),
             methods=sorted(registry.methods),
         )
 
@@ -463,13 +537,46 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         return resolved, warnings
 
     async def ValidateJob(self, request, context):
+        """The resolved settings and warnings, and a dry run: the dataset the job would be built
+        from now (``BuildDataset(dry_run)``, nothing stored), what training would do with it and
+        how long it would take (job_scheduler/plan.py). When the dataset-builder cannot be asked
+        the answer comes without the plans, with a warning saying so."""
         workspace = current_workspace()
-        resolved, warnings = await self._validate(request.spec, workspace, context)
-        return pb.ValidateJobResponse(
+        spec = request.spec
+        resolved, warnings = await self._validate(spec, workspace, context)
+        response = pb.ValidateJobResponse(
             resolved_hyperparameters=hp.to_proto(resolved),
             dataset_only=not workspace.can_train,
-            warnings=warnings,
         )
+        remaining = context.time_remaining() if context is not None else None
+        summary, why_not = await plan.dry_run_dataset(
+            self.app.dataset_builder, spec, resolved, capability_check.caller_authorization(context),
+            deadline=None if remaining is None else remaining - 0.5)
+        if summary is None:
+            warnings.append(why_not)
+            response.warnings.extend(warnings)
+            return response
+        response.dataset_plan.CopyFrom(plan.dataset_plan(summary))
+        warnings.extend([w for w in summary.warnings if w not in warnings])  # what the build would warn about
+        if workspace.can_train:
+            refusal = plan.refusal_warning(resolved, summary, describe_dataset_counts(summary, spec))
+            if refusal:
+                warnings.append(refusal)
+            if summary.train_count:
+                training = plan.training_plan(resolved, summary.train_count, summary.test_count,
+                                              summary.train_tokens.total)
+                if summary.tokenizer:
+                    base = get_registry().base_model(spec.base_model)
+                    workers, measurements = await self.app.trainer_hardware(spec.base_model)
+                    training.wall_time_estimates.extend(plan.wall_time_estimates(
+                        training.total_training_tokens, spec.base_model, base.parameter_count, workers,
+                        measurements, utcnow()))
+                else:
+                    warnings.append(f"no tokenizer for {spec.base_model} in the model store: the training tokens "
+                                    "and the wall time cannot be estimated")
+                response.training_plan.CopyFrom(training)
+        response.warnings.extend(warnings)
+        return response
 
     # -- jobs --------------------------------------------------------------------------------
     def _to_proto(self, job: JobRow) -> pb.Job:
@@ -497,6 +604,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             create_time=timestamp(job.created_at),
             update_time=timestamp(job.updated_at),
             attempt=job.attempt,
+            report_path=job.report_path or "",
         )
         if job.dataset:
             out.dataset.ParseFromString(job.dataset)
@@ -710,7 +818,7 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                     event.progress.ParseFromString(row.progress)
                 yield pb.WatchJobResponse(event=event)
                 after = row.sequence
-            if terminal:
+            if terminal or request.history_only:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), timeout=1.0)  # also polls: other replicas

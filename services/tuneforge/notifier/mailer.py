@@ -1,5 +1,9 @@
 """Composing and delivering the notifier's email.
 
+`compose` makes a plain-text message, or, given HTML, a `multipart/alternative` one (the text part
+first, for plain-text readers) whose HTML part is `multipart/related` with its inline images, each
+referenced from the HTML as `<img src="cid:...">`.
+
 `deliver` sends through SMTP when settings are given, and otherwise drops an `.eml` file into an
 outbox directory (development, tests, air-gapped installs): same message, no mail server needed.
 """
@@ -15,6 +19,7 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from email.message import EmailMessage
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiosmtplib
@@ -25,6 +30,20 @@ _MAX_ID_IN_FILENAME = 120
 
 class MailDeliveryError(Exception):
     """The message could not be handed to the SMTP server (the original error is `__cause__`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InlineImage:
+    """An image shown inside the HTML part: ``<img src="cid:{cid}">``."""
+
+    cid: str  # Content-ID without the angle brackets, unique in the message (e.g. "loss.<id>@tuneforge")
+    data: bytes
+    subtype: str = "png"  # image/<subtype>
+    filename: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cid or any(c in self.cid for c in "<>\r\n \t\"") or "@" not in self.cid:
+            raise ValueError(f"Content-ID {self.cid!r}: expected left@right without spaces or brackets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +73,19 @@ def compose(
     to: str,
     subject: str,
     text: str,
+    html: str | None = None,
+    images: Sequence[InlineImage] = (),
     message_id: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> EmailMessage:
-    """A plain-text message with From, To, Subject, Date and Message-ID set.
+    """A message with From, To, Subject, Date and Message-ID set: plain text, or with `html` the
+    text and the HTML as alternatives, `images` inline in the HTML (`multipart/related`).
 
     `headers` adds or replaces headers (e.g. `{"X-Tuneforge-Job": job_id}`). Header values with line
     breaks are refused by the email package, so user text cannot inject headers.
     """
+    if images and html is None:
+        raise ValueError("inline images need an HTML part to show them")
     message = EmailMessage(policy=email.policy.default)
     message["From"] = sender
     message["To"] = to
@@ -72,6 +96,12 @@ def compose(
         del message[name]
         message[name] = value
     message.set_content(text)
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+        html_part = message.get_payload()[-1]
+        for image in images:
+            html_part.add_related(image.data, maintype="image", subtype=image.subtype, cid=f"<{image.cid}>",
+                                  disposition="inline", filename=image.filename or None)
     return message
 
 

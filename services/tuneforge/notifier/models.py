@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Integer, String, Text
+from sqlalchemy import Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tuneforge.core.db import UTCDateTime, utcnow
@@ -32,3 +32,14 @@ class DeliveryRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeliveryEventRow(Base):
+    """The event a job's delivery was made from (one per delivery): the HTML part is rendered from
+    it when the message is sent, with the loss plot when it can be read then."""
+
+    __tablename__ = "delivery_events"
+
+    delivery_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(200))  # the event's NATS subject (its type)
+    event: Mapped[bytes] = mapped_column(LargeBinary)  # serialized protobuf

@@ -1,5 +1,11 @@
 """notifier: turns job.succeeded / failed / cancelled events into emails to the job's owner,
-through SMTP when configured and otherwise as .eml files in an outbox directory."""
+through SMTP when configured and otherwise as .eml files in an outbox directory.
+
+A job's email has a text part (rendered and stored when the delivery is recorded) and an HTML part
+with the run's loss plot inline, rendered when it is sent from the stored event: the plot is read
+from the artifact store then (``report_path``), and one that cannot be read leaves the email
+without a picture, never unsent.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +27,16 @@ from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, timestamp
 from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
+from tuneforge.core.storage import ArtifactStore
 from tuneforge.notifier import mailer, messages
-from tuneforge.notifier.models import Base, DeliveryRow
+from tuneforge.notifier.models import Base, DeliveryEventRow, DeliveryRow
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
 MAX_ATTEMPTS = 8
 SEND_LEASE_MARGIN_SECONDS = 30.0  # a claimed delivery is retried this long after the SMTP timeout
-
+MAX_PLOT_BYTES = 5 * 1024 * 1024  # a loss.png larger than this is not inlined
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class Notifier(BaseService):
@@ -46,6 +54,7 @@ class Notifier(BaseService):
             else None
         )
         self.outbox_dir = settings.resolved_outbox_dir()
+        self.store = ArtifactStore(settings.resolved_artifact_url())  # the runs' loss plots
         self._wake = asyncio.Event()
 
     def grpc_services(self):
@@ -65,15 +74,17 @@ class Notifier(BaseService):
         else:
             title, body = messages.job_cancelled(event)
         row = await self.record(event.meta, event.owner_email, title, body,
-                                delivery_id=job_delivery_id(event.meta.job_id, subject) if event.meta.job_id else "")
+                                delivery_id=job_delivery_id(event.meta.job_id, subject) if event.meta.job_id else "",
+                                source=(subject, event))
         if row is not None:
             await self.attempt(row.id)
 
     async def record(self, meta: ev.EventMeta, recipient: str, subject: str, body: str,
-                     *, delivery_id: str = "") -> DeliveryRow | None:
+                     *, delivery_id: str = "", source: tuple[str, object] | None = None) -> DeliveryRow | None:
         """Store the delivery once: per event (unique event id) and, for a job's terminal state,
         once per (job, state) — ``delivery_id`` derives from them, so a second event announcing
-        the same state finds the row and sends nothing new. None when it was stored already."""
+        the same state finds the row and sends nothing new. None when it was stored already.
+        ``source``: ``(subject, event)`` of a job's event, kept for the HTML part."""
         delivery_id = delivery_id or "dlv_" + uuid.uuid4().hex[:20]
         row = DeliveryRow(
             id=delivery_id, event_id=meta.event_id, workspace_id=meta.workspace_id, job_id=meta.job_id,
@@ -83,9 +94,48 @@ class Notifier(BaseService):
         try:
             async with self.db.session() as session, session.begin():
                 session.add(row)
+                if source is not None:
+                    session.add(DeliveryEventRow(delivery_id=delivery_id, subject=source[0],
+                                                 event=source[1].SerializeToString()))
         except IntegrityError:
             return None
         return row
+
+    async def _read_plot(self, report_path: str, delivery_id: str) -> bytes | None:
+        """The run's ``loss.png``, or None (logged) when it cannot be read or is no PNG."""
+        key = f"{report_path}/{messages.LOSS_PLOT_FILE}"
+        try:
+            data = await asyncio.to_thread(self.store.get_bytes, key)
+        except Exception as exc:  # missing file, storage down, a bad key: the email goes without it
+            log.warning("delivery %s: the loss plot %s cannot be read (%s: %s); sending without it",
+                        delivery_id, key, type(exc).__name__, exc)
+            return None
+        if not data.startswith(PNG_SIGNATURE) or len(data) > MAX_PLOT_BYTES:
+            log.warning("delivery %s: %s is not a PNG of at most %s bytes; sending without it",
+                        delivery_id, key, MAX_PLOT_BYTES)
+            return None
+        return data
+
+    async def _html_part(self, delivery_id: str) -> tuple[str | None, list[mailer.InlineImage]]:
+        """The HTML part of a job's email and its inline plot; ``(None, [])`` for a message
+        without one (a test notification) or when it cannot be rendered (logged: text only)."""
+        async with self.db.session() as session:
+            source = await session.get(DeliveryEventRow, delivery_id)
+        if source is None:
+            return None, []
+        try:
+            event = subjects.MESSAGE_TYPES[source.subject].FromString(source.event)
+            report_path = messages.report_path(event)
+            plot = await self._read_plot(report_path, delivery_id) if report_path else None
+            cid = f"loss.{delivery_id}@tuneforge" if plot else None
+            render = {subjects.JOB_SUCCEEDED: messages.job_succeeded_html, subjects.JOB_FAILED: messages.job_failed_html,
+                      subjects.JOB_CANCELLED: messages.job_cancelled_html}[source.subject]
+            images = [mailer.InlineImage(cid, plot, "png", messages.LOSS_PLOT_FILE)] if plot else []
+            return render(event, cid), images
+        except Exception:
+            log.warning("delivery %s: the HTML part cannot be rendered; sending the text only", delivery_id,
+                        exc_info=True)
+            return None, []
 
     async def _claim(self, delivery_id: str) -> bool:
         """Take a pending, due delivery for one sending attempt: its next attempt moves a lease
@@ -111,9 +161,10 @@ class Notifier(BaseService):
                 return await session.get(DeliveryRow, delivery_id)
         async with self.db.session() as session:
             row = await session.get(DeliveryRow, delivery_id)
+        html, images = await self._html_part(delivery_id)
         message = mailer.compose(
             sender=self.settings.mail_from, to=row.recipient, subject=row.subject, text=row.body,
-            message_id=row.message_id,
+            html=html, images=images, message_id=row.message_id,
             headers={"X-Tuneforge-Job": row.job_id} if row.job_id else None,
         )
         error = ""

@@ -8,6 +8,12 @@ reports. The new attempt resumes from the latest complete checkpoint of the earl
 early stopping is rebuilt), and says so in ``TrainingRunStarted.resumed_from_step``. Every
 attempt writes under its own ``attempt-N`` prefix, so a stale worker never overwrites a newer
 attempt's files. After ``MAX_ATTEMPTS`` the job fails with the reason.
+
+Each attempt that trained leaves a report (``attempt-N/report``: ``loss.png`` and ``report.json``,
+:mod:`tuneforge.trainer.report`) built from its progress reports and, when it resumed, the log
+history of the checkpoint it resumed from; the outcome event names it in ``report_path``. The
+worker also announces itself (``TrainerWorkerSeen``: device class and count) at start and every
+``TUNEFORGE_WORKER_SEEN_PERIOD`` seconds, from which the job-scheduler estimates wall times.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +47,7 @@ from tuneforge.core.bus import Bus
 from tuneforge.core.settings import Settings
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.plugins import get_registry
+from tuneforge.trainer import report as run_report
 from tuneforge.trainer.model_import import check_safe_model_dir
 from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext, TrainingResult
 from tuneforge.training import finite_metrics as extra_metrics  # a result's metrics as TrainingMetrics.extra
@@ -63,6 +71,9 @@ PROGRESS_MIN_INTERVAL = 0.5
 TEST_CRASH_AT_STEP_ENV = "TUNEFORGE_TEST_CRASH_AT_STEP"
 TEST_CRASH_SEED_ENV = "TUNEFORGE_TEST_CRASH_SEED"
 TEST_CRASH_EXIT_CODE = 71
+# How often the worker announces itself (TrainerWorkerSeen); tests set a shorter period.
+WORKER_SEEN_PERIOD_ENV = "TUNEFORGE_WORKER_SEEN_PERIOD"
+DEFAULT_WORKER_SEEN_PERIOD = 60
 
 
 SAMPLE_FIELDS = ("prompt_json", "prompt", "reference", "base_answer", "tuned_answer")
@@ -81,6 +92,61 @@ def training_metrics(result: TrainingResult, train_seconds: float) -> common_pb2
     for sample in result.samples:
         metrics.samples.add(**{name: str(sample.get(name) or "") for name in SAMPLE_FIELDS})
     return metrics
+
+
+def dataset_tokens_trained(request: ev.TrainingRunRequested, result, resumed_from_step: int) -> int:
+    """Tokens this attempt trained on, counted as the dataset builder counts a split (its
+    ``train_tokens`` per epoch times the epochs this attempt ran): the unit of ValidateJob's
+    ``total_training_tokens``, so a measured tokens/s turns a plan into seconds. (A DPO pair is
+    one sequence there, two forwards here; the method's own count would not compare.) Without
+    the builder's count (no tokenizer): the method's real-token count, or 0."""
+    per_epoch = request.dataset.train_tokens.total
+    batch = request.hyperparameters.batch_size or 1
+    steps_per_epoch = max(1, -(-request.dataset.train_count // batch))
+    epochs = result.epochs - (resumed_from_step or 0) / steps_per_epoch
+    if per_epoch > 0 and epochs > 0:
+        return round(per_epoch * epochs)
+    return result.trained_tokens or 0
+
+
+@functools.cache
+def device_class() -> tuple[str, int]:
+    """``(class, count)`` of the devices this worker trains on: ``("cuda:<device name>", n)`` on
+    a GPU (the methods train on CUDA whenever it is available), else ``("cpu", 1)``. The class is
+    the key of measured throughput per base model, so it names the hardware, not an index."""
+    import torch  # the trainer is the one service that imports torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}", torch.cuda.device_count()
+    return "cpu", 1
+
+
+def worker_seen_period() -> int:
+    """Seconds between two ``TrainerWorkerSeen`` announcements (``TUNEFORGE_WORKER_SEEN_PERIOD``,
+    default 60, at least 1)."""
+    raw = os.environ.get(WORKER_SEEN_PERIOD_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKER_SEEN_PERIOD
+    try:
+        return max(1, int(float(raw)))
+    except ValueError:
+        raise ValueError(f"{WORKER_SEEN_PERIOD_ENV}={raw!r}: expected a number of seconds") from None
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What the worker saw of one attempt, for its report: filled while the method trains (on the
+    training thread), read once it has returned or raised."""
+
+    history: run_report.RunHistory = dataclasses.field(default_factory=run_report.RunHistory)
+    checkpoints: dict[int, run_report.CheckpointMark] = dataclasses.field(default_factory=dict)
+    hyperparameters: dict | None = None  # resolved, once known
+    resumed_from_step: int = 0
+
+    def reset(self, resumed_from_step: int) -> None:
+        self.history.clear()
+        self.checkpoints.clear()
+        self.resumed_from_step = resumed_from_step
 
 
 class UserDataError(Exception):
@@ -285,6 +351,7 @@ class TrainingWorker:
         await ensure_work_consumer(js, work_consumer_config(self.settings.training_ack_wait_seconds))
         cancel_sub = await self.bus.nc.subscribe(subjects.TRAINING_RUN_CANCEL_REQUESTED, cb=self._on_cancel)
         psub = await js.pull_subscribe_bind(durable=WORK_CONSUMER, stream=subjects.WORK_STREAM)
+        announcer = asyncio.create_task(self._announce(worker_seen_period()))
         try:
             while not self._stopping.is_set():
                 try:
@@ -301,6 +368,7 @@ class TrainingWorker:
                     with telemetry.consumer_span(msg):  # the job's trace goes on; job ids in the logs
                         await self.handle(msg)
         finally:
+            announcer.cancel()
             await cancel_sub.unsubscribe()
             try:
                 await psub.unsubscribe()
@@ -309,6 +377,26 @@ class TrainingWorker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _announce(self, period: int) -> None:
+        """``TrainerWorkerSeen`` now and every ``period`` seconds until the worker stops: the
+        job-scheduler's view of the hardware in the cluster. Best effort (a missed one is only
+        late news)."""
+        kind, count = await asyncio.to_thread(device_class)
+        while not self._stopping.is_set():
+            try:
+                await self.bus.publish(subjects.TRAINER_WORKER_SEEN, ev.TrainerWorkerSeen(
+                    meta=self.bus.meta(""), worker_id=self.status.worker_id, device_class=kind,
+                    device_count=count, period_seconds=period))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("could not announce the worker (TrainerWorkerSeen); next try in %ss", period,
+                            exc_info=True)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=period)
+            except asyncio.TimeoutError:
+                pass
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -352,13 +440,14 @@ class TrainingWorker:
         self.status.current_workspace_id = workspace_id
         self._started_sent = False
         heartbeat = asyncio.create_task(self._heartbeat(msg))
+        record = RunRecord()
         try:
             try:
                 await asyncio.to_thread(
                     self.store.put_bytes, f"{attempt_prefix(workspace_id, job_id, attempt)}/{ATTEMPT_MARKER}",
                     json.dumps({"attempt": attempt, "delivery": delivered, "worker_id": self.status.worker_id,
                                 "started_at": time.time()}).encode())
-                result_event = await self._train(request, attempt)
+                result_event = await self._train(request, attempt, record)
                 subject = (subjects.TRAINING_RUN_CANCELLED if isinstance(result_event, ev.TrainingRunCancelled)
                            else subjects.TRAINING_RUN_SUCCEEDED)
             except UserDataError as exc:
@@ -370,6 +459,9 @@ class TrainingWorker:
                 result_event = self._failure(workspace_id, job_id, attempt,
                                              f"training failed: {type(exc).__name__}: {exc}",
                                              common_pb2.FAILURE_KIND_SYSTEM)
+            if subject == subjects.TRAINING_RUN_FAILED and record.history.has_losses():
+                result_event.report_path = await self._write_report(
+                    request, attempt, record, "failed", reason=result_event.reason)
             if not self._started_sent:
                 await self._publish_started(workspace_id, job_id, attempt, 0)
             await self._store_result(workspace_id, job_id, attempt, subject, result_event)
@@ -452,7 +544,31 @@ class TrainingWorker:
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 
-    async def _train(self, request: ev.TrainingRunRequested, attempt: int):
+    async def _write_report(self, request: ev.TrainingRunRequested, attempt: int, record: RunRecord, outcome: str,
+                            *, metrics: common_pb2.TrainingMetrics | None = None, trained_tokens: int | None = None,
+                            train_seconds: float | None = None, reason: str = "") -> str:
+        """Store the attempt's report (``loss.png``, ``report.json``); its artifact prefix, or ""
+        when it could not be written: a report is never worth failing a job for."""
+        meta = request.meta
+        prefix = run_report.report_prefix(attempt_prefix(meta.workspace_id, meta.job_id, attempt))
+        try:
+            kind, _ = await asyncio.to_thread(device_class)
+            hyperparameters = record.hyperparameters
+            if hyperparameters is None:  # failed before resolving them: what the scheduler sent
+                hyperparameters = run_report.proto_to_plain(request.hyperparameters)
+            content = run_report.build_report(
+                job_id=meta.job_id, workspace_id=meta.workspace_id, attempt=attempt, outcome=outcome,
+                base_model=request.base_model, method=request.method, hyperparameters=hyperparameters,
+                dataset=request.dataset, history=record.history, checkpoints=record.checkpoints.values(),
+                metrics=metrics, device_class=kind, trained_tokens=trained_tokens, train_seconds=train_seconds,
+                resumed_from_step=record.resumed_from_step, reason=reason)
+            return await asyncio.to_thread(run_report.write_report, self.store, prefix, content, request.job_name)
+        except Exception:
+            log.warning("job %s (attempt %s): could not write the run's report", meta.job_id, attempt, exc_info=True)
+            return ""
+
+    async def _train(self, request: ev.TrainingRunRequested, attempt: int, record: RunRecord | None = None):
+        record = record if record is not None else RunRecord()
         meta = request.meta
         job_id, workspace_id = meta.job_id, meta.workspace_id
         registry = get_registry()
@@ -476,6 +592,7 @@ class TrainingWorker:
             available_modules=spec.lora_target_modules,
             default_modules=spec.default_lora_target_modules,
         )
+        record.hyperparameters = dataclasses.asdict(resolved)
         work = self.work_root / job_id / f"attempt-{attempt}"
         if work.exists():
             shutil.rmtree(work)
@@ -500,6 +617,8 @@ class TrainingWorker:
 
         def on_progress(report: ProgressReport) -> None:
             self.status.current_step = report.step
+            record.history.add(report.step, epoch=report.epoch, train_loss=report.train_loss,
+                               eval_loss=report.eval_loss, learning_rate=report.learning_rate)
             if report.step > resumed_from[0]:
                 trained_past[0] = True
             if crash_at is not None and report.step >= crash_at:
@@ -521,7 +640,10 @@ class TrainingWorker:
         def on_checkpoint(report: CheckpointReport) -> None:
             trained_past[0] = trained_past[0] or report.step > resumed_from[0]
             key = checkpoint_key(workspace_id, job_id, attempt, report.step)
-            upload_checkpoint(self.store, report.path, key, report.step)
+            resumable = upload_checkpoint(self.store, report.path, key, report.step)
+            eval_loss = report.eval_loss if report.eval_loss is not None else record.history.eval_loss_at(report.step)
+            # A checkpoint without trainer state is the final adapter (trl_common.run_to_completion).
+            record.checkpoints[report.step] = run_report.CheckpointMark(report.step, eval_loss, adapter=not resumable)
             event = ev.TrainingRunCheckpoint(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                              step=report.step, artifact_path=key)
             if report.eval_loss is not None:
@@ -557,6 +679,15 @@ class TrainingWorker:
                     continue
             resumed_from[0], trained_past[0] = (candidate.step if resume_dir is not None else 0), False
             self.status.current_step = resumed_from[0]
+            # The report covers the whole run: what the checkpoint's trainer state logged up to it
+            # (HF Trainer saves its log history there), and the earlier attempts' kept checkpoints.
+            record.reset(resumed_from[0])
+            if resume_dir is not None:
+                record.history.add_trainer_state(resume_dir, resumed_from[0])
+                for older in candidates:
+                    if older.step <= resumed_from[0]:
+                        record.checkpoints.setdefault(older.step, run_report.CheckpointMark(
+                            older.step, record.history.eval_loss_at(older.step)))
             if attempt > 1:
                 log.info("job %s attempt %s: resuming from step %s", job_id, attempt, resumed_from[0])
             await self._publish_started(workspace_id, job_id, attempt, resumed_from[0])
@@ -582,9 +713,23 @@ class TrainingWorker:
         await asyncio.to_thread(self.store.put_dir, result.adapter_dir, adapter_key)
         # Checkpoints and the adapter are in the artifact store now: the local copy can go.
         await asyncio.to_thread(shutil.rmtree, work, True)
+        final = record.checkpoints.get(result.steps)
+        record.checkpoints[result.steps] = run_report.CheckpointMark(
+            result.steps, final.eval_loss if final and final.eval_loss is not None else result.eval_loss, adapter=True)
+        for step, mark in list(record.checkpoints.items()):
+            if mark.adapter and step != result.steps:  # only the run's last adapter is the one kept
+                record.checkpoints[step] = dataclasses.replace(mark, adapter=False)
         if result.cancelled:
+            if record.history.has_losses():  # no field for it in the event: the report is at the usual place
+                await self._write_report(request, attempt, record, "cancelled", train_seconds=elapsed,
+                                         trained_tokens=result.trained_tokens)
             return ev.TrainingRunCancelled(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
                                            adapter_path=adapter_key, step=result.steps)
         metrics = training_metrics(result, elapsed)
+        report_path = await self._write_report(request, attempt, record, "succeeded", metrics=metrics,
+                                               trained_tokens=result.trained_tokens, train_seconds=elapsed)
+        kind, _ = await asyncio.to_thread(device_class)
         return ev.TrainingRunSucceeded(meta=self.bus.meta(workspace_id, job_id), attempt=attempt,
-                                       adapter_path=adapter_key, metrics=metrics)
+                                       adapter_path=adapter_key, metrics=metrics, report_path=report_path,
+                                       device_class=kind,
+                                       trained_tokens=dataset_tokens_trained(request, result, resumed_from[0]))

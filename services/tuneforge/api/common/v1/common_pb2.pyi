@@ -91,7 +91,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., lr_peak_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., min_examples: _Optional[int] = ..., test_fraction: _Optional[float] = ..., n_evals: _Optional[int] = ..., max_epochs: _Optional[int] = ..., n_checkpoints: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., train_on_inputs: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DatasetSummary(_message.Message):
-    __slots__ = ("dataset_id", "content_hash", "train_count", "test_count", "topic_counts", "warnings", "filtered_count", "kind", "artifact_path", "workspace_example_count", "deduplicated_count", "overlength_count", "overlength_policy", "train_tokens", "test_tokens", "train_on_inputs_rule", "tokenizer", "context_length")
+    __slots__ = ("dataset_id", "content_hash", "train_count", "test_count", "topic_counts", "warnings", "filtered_count", "kind", "artifact_path", "workspace_example_count", "deduplicated_count", "overlength_count", "overlength_policy", "train_tokens", "test_tokens", "train_on_inputs_rule", "tokenizer", "context_length", "topic_matched_count")
     class TopicCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class DatasetSummary(_message.Message):
     TRAIN_ON_INPUTS_RULE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_MATCHED_COUNT_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     content_hash: str
     train_count: int
@@ -135,7 +136,8 @@ class DatasetSummary(_message.Message):
     train_on_inputs_rule: str
     tokenizer: str
     context_length: int
-    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., topic_counts: _Optional[_Mapping[str, int]] = ..., warnings: _Optional[_Iterable[str]] = ..., filtered_count: _Optional[int] = ..., kind: _Optional[str] = ..., artifact_path: _Optional[str] = ..., workspace_example_count: _Optional[int] = ..., deduplicated_count: _Optional[int] = ..., overlength_count: _Optional[int] = ..., overlength_policy: _Optional[_Union[OverlengthPolicy, str]] = ..., train_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., test_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., train_on_inputs_rule: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+    topic_matched_count: int
+    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., topic_counts: _Optional[_Mapping[str, int]] = ..., warnings: _Optional[_Iterable[str]] = ..., filtered_count: _Optional[int] = ..., kind: _Optional[str] = ..., artifact_path: _Optional[str] = ..., workspace_example_count: _Optional[int] = ..., deduplicated_count: _Optional[int] = ..., overlength_count: _Optional[int] = ..., overlength_policy: _Optional[_Union[OverlengthPolicy, str]] = ..., train_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., test_tokens: _Optional[_Union[TokenStats, _Mapping]] = ..., train_on_inputs_rule: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., topic_matched_count: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "total_steps", "epoch", "train_loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds")
@@ -225,3 +227,29 @@ class FileChunk(_message.Message):
     data: bytes
     eof: bool
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class BaseModel(_message.Message):
+    __slots__ = ("id", "display_name", "description", "family", "parameter_count", "context_length", "lora_target_modules", "default_lora_target_modules", "capabilities", "source", "plugin")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    display_name: str
+    description: str
+    family: str
+    parameter_count: int
+    context_length: int
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    default_lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    plugin: str
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., default_lora_target_modules: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., plugin: _Optional[str] = ...) -> None: ...

@@ -166,7 +166,7 @@ class DeleteExamplesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class BuildDatasetRequest(_message.Message):
-    __slots__ = ("topics", "method", "base_model", "test_fraction", "seed", "train_on_inputs", "overlength_policy", "max_epochs")
+    __slots__ = ("topics", "method", "base_model", "test_fraction", "seed", "train_on_inputs", "overlength_policy", "max_epochs", "dry_run")
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class BuildDatasetRequest(_message.Message):
     TRAIN_ON_INPUTS_FIELD_NUMBER: _ClassVar[int]
     OVERLENGTH_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     topics: _containers.RepeatedScalarFieldContainer[str]
     method: str
     base_model: str
@@ -183,7 +184,8 @@ class BuildDatasetRequest(_message.Message):
     train_on_inputs: str
     overlength_policy: _common_pb2.OverlengthPolicy
     max_epochs: int
-    def __init__(self, topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_inputs: _Optional[str] = ..., overlength_policy: _Optional[_Union[_common_pb2.OverlengthPolicy, str]] = ..., max_epochs: _Optional[int] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, topics: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_inputs: _Optional[str] = ..., overlength_policy: _Optional[_Union[_common_pb2.OverlengthPolicy, str]] = ..., max_epochs: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class BuildDatasetResponse(_message.Message):
     __slots__ = ("dataset", "files")
@@ -208,6 +210,30 @@ class GetDatasetResponse(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactFile]
     created_at: _timestamp_pb2.Timestamp
     def __init__(self, dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., files: _Optional[_Iterable[_Union[_common_pb2.ArtifactFile, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class DatasetListEntry(_message.Message):
+    __slots__ = ("dataset", "create_time")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    dataset: _common_pb2.DatasetSummary
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets", "next_page_token")
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetListEntry]
+    next_page_token: str
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetListEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DownloadDatasetRequest(_message.Message):
     __slots__ = ("dataset_id",)

@@ -70,6 +70,11 @@ class DatasetBuilderServiceStub:
                 request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/ListDatasets',
+                request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
         self.DownloadDataset = channel.unary_stream(
                 '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/DownloadDataset',
                 request_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.DownloadDatasetRequest.SerializeToString,
@@ -131,6 +136,13 @@ class DatasetBuilderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasets(self, request, context):
+        """Lists the workspace's dataset snapshots, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadDataset(self, request, context):
         """Streams a snapshot's files (train.jsonl, test.jsonl, manifest.json) in chunks.
         """
@@ -175,6 +187,11 @@ def add_DatasetBuilderServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetRequest.FromString,
                     response_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'DownloadDataset': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadDataset,
@@ -372,6 +389,33 @@ class DatasetBuilderService:
             '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/GetDataset',
             tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetRequest.SerializeToString,
             tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.dataset_builder.v1.DatasetBuilderService/ListDatasets',
+            tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsRequest.SerializeToString,
+            tuneforge_dot_api_dot_dataset__builder_dot_v1_dot_dataset__builder__service__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,20 +85,22 @@ class DatasetBuildFailed(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ...) -> None: ...
 
 class TrainingRunRequested(_message.Message):
-    __slots__ = ("meta", "base_model", "method", "method_options_json", "hyperparameters", "dataset")
+    __slots__ = ("meta", "base_model", "method", "method_options_json", "hyperparameters", "dataset", "job_name")
     META_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     base_model: str
     method: str
     method_options_json: str
     hyperparameters: _common_pb2.Hyperparameters
     dataset: _common_pb2.DatasetSummary
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., method_options_json: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ...) -> None: ...
+    job_name: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., method_options_json: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., job_name: _Optional[str] = ...) -> None: ...
 
 class TrainingRunStarted(_message.Message):
     __slots__ = ("meta", "attempt", "worker_id", "resumed_from_step")
@@ -137,28 +139,50 @@ class TrainingRunCheckpoint(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., artifact_path: _Optional[str] = ...) -> None: ...
 
 class TrainingRunSucceeded(_message.Message):
-    __slots__ = ("meta", "attempt", "adapter_path", "metrics")
+    __slots__ = ("meta", "attempt", "adapter_path", "metrics", "report_path", "device_class", "trained_tokens")
     META_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     attempt: int
     adapter_path: str
     metrics: _common_pb2.TrainingMetrics
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., adapter_path: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ...) -> None: ...
+    report_path: str
+    device_class: str
+    trained_tokens: int
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., adapter_path: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., report_path: _Optional[str] = ..., device_class: _Optional[str] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
 
 class TrainingRunFailed(_message.Message):
-    __slots__ = ("meta", "attempt", "reason", "failure_kind")
+    __slots__ = ("meta", "attempt", "reason", "failure_kind", "report_path")
     META_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FAILURE_KIND_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     attempt: int
     reason: str
     failure_kind: _common_pb2.FailureKind
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ...) -> None: ...
+    report_path: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., report_path: _Optional[str] = ...) -> None: ...
+
+class TrainerWorkerSeen(_message.Message):
+    __slots__ = ("meta", "worker_id", "device_class", "device_count", "period_seconds")
+    META_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    meta: EventMeta
+    worker_id: str
+    device_class: str
+    device_count: int
+    period_seconds: int
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., worker_id: _Optional[str] = ..., device_class: _Optional[str] = ..., device_count: _Optional[int] = ..., period_seconds: _Optional[int] = ...) -> None: ...
 
 class TrainingRunCancelled(_message.Message):
     __slots__ = ("meta", "attempt", "adapter_path", "step")
@@ -221,7 +245,7 @@ class ModelRegistrationFailed(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ...) -> None: ...
 
 class JobSucceeded(_message.Message):
-    __slots__ = ("meta", "job_name", "owner_email", "dataset_only", "dataset", "model_name", "model_id", "metrics", "base_model", "method")
+    __slots__ = ("meta", "job_name", "owner_email", "dataset_only", "dataset", "model_name", "model_id", "metrics", "base_model", "method", "report_path", "hyperparameters")
     META_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_EMAIL_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +256,8 @@ class JobSucceeded(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     job_name: str
     owner_email: str
@@ -242,21 +268,31 @@ class JobSucceeded(_message.Message):
     metrics: _common_pb2.TrainingMetrics
     base_model: str
     method: str
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., job_name: _Optional[str] = ..., owner_email: _Optional[str] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    report_path: str
+    hyperparameters: _common_pb2.Hyperparameters
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., job_name: _Optional[str] = ..., owner_email: _Optional[str] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., report_path: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ...) -> None: ...
 
 class JobFailed(_message.Message):
-    __slots__ = ("meta", "job_name", "owner_email", "reason", "failure_kind")
+    __slots__ = ("meta", "job_name", "owner_email", "reason", "failure_kind", "report_path", "failed_in_state", "base_model", "method")
     META_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_EMAIL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FAILURE_KIND_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    FAILED_IN_STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     job_name: str
     owner_email: str
     reason: str
     failure_kind: _common_pb2.FailureKind
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., job_name: _Optional[str] = ..., owner_email: _Optional[str] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ...) -> None: ...
+    report_path: str
+    failed_in_state: str
+    base_model: str
+    method: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., job_name: _Optional[str] = ..., owner_email: _Optional[str] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., report_path: _Optional[str] = ..., failed_in_state: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class JobCancelled(_message.Message):
     __slots__ = ("meta", "job_name", "owner_email")
@@ -267,3 +303,39 @@ class JobCancelled(_message.Message):
     job_name: str
     owner_email: str
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., job_name: _Optional[str] = ..., owner_email: _Optional[str] = ...) -> None: ...
+
+class ModelAssigned(_message.Message):
+    __slots__ = ("meta", "model_id", "model_name", "agent_id", "replaced_model_id")
+    META_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    meta: EventMeta
+    model_id: str
+    model_name: str
+    agent_id: str
+    replaced_model_id: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., agent_id: _Optional[str] = ..., replaced_model_id: _Optional[str] = ...) -> None: ...
+
+class ModelUnassigned(_message.Message):
+    __slots__ = ("meta", "model_id", "model_name", "agent_id")
+    META_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    meta: EventMeta
+    model_id: str
+    model_name: str
+    agent_id: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class ModelDeleted(_message.Message):
+    __slots__ = ("meta", "model_id", "model_name")
+    META_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    meta: EventMeta
+    model_id: str
+    model_name: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...

@@ -32,32 +32,6 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
-class BaseModel(_message.Message):
-    __slots__ = ("id", "display_name", "description", "family", "parameter_count", "context_length", "lora_target_modules", "default_lora_target_modules", "capabilities", "source", "plugin")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
-    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
-    FAMILY_FIELD_NUMBER: _ClassVar[int]
-    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
-    DEFAULT_LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
-    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_FIELD_NUMBER: _ClassVar[int]
-    PLUGIN_FIELD_NUMBER: _ClassVar[int]
-    id: str
-    display_name: str
-    description: str
-    family: str
-    parameter_count: int
-    context_length: int
-    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
-    default_lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
-    capabilities: _containers.RepeatedScalarFieldContainer[str]
-    source: str
-    plugin: str
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., family: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., default_lora_target_modules: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., plugin: _Optional[str] = ...) -> None: ...
-
 class ListBaseModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -66,9 +40,9 @@ class ListBaseModelsResponse(_message.Message):
     __slots__ = ("base_models", "methods")
     BASE_MODELS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
-    base_models: _containers.RepeatedCompositeFieldContainer[BaseModel]
+    base_models: _containers.RepeatedCompositeFieldContainer[_common_pb2.BaseModel]
     methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, base_models: _Optional[_Iterable[_Union[BaseModel, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, base_models: _Optional[_Iterable[_Union[_common_pb2.BaseModel, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "description", "topics", "base_model", "method", "hyperparameters", "method_options_json", "notify_email", "overlength_policy")
@@ -99,14 +73,90 @@ class ValidateJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ValidateJobResponse(_message.Message):
-    __slots__ = ("resolved_hyperparameters", "dataset_only", "warnings")
+    __slots__ = ("resolved_hyperparameters", "dataset_only", "warnings", "dataset_plan", "training_plan")
     RESOLVED_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_ONLY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_PLAN_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_PLAN_FIELD_NUMBER: _ClassVar[int]
     resolved_hyperparameters: _common_pb2.Hyperparameters
     dataset_only: bool
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset_only: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    dataset_plan: DatasetPlan
+    training_plan: TrainingPlan
+    def __init__(self, resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset_only: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ..., dataset_plan: _Optional[_Union[DatasetPlan, _Mapping]] = ..., training_plan: _Optional[_Union[TrainingPlan, _Mapping]] = ...) -> None: ...
+
+class DatasetPlan(_message.Message):
+    __slots__ = ("workspace_examples", "after_topics", "after_formats", "after_dedupe", "overlength", "after_overlength", "train_count", "test_count", "train_tokens", "test_tokens", "tokenizer", "warnings")
+    WORKSPACE_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AFTER_TOPICS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_DEDUPE_FIELD_NUMBER: _ClassVar[int]
+    OVERLENGTH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_OVERLENGTH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    workspace_examples: int
+    after_topics: int
+    after_formats: int
+    after_dedupe: int
+    overlength: int
+    after_overlength: int
+    train_count: int
+    test_count: int
+    train_tokens: int
+    test_tokens: int
+    tokenizer: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, workspace_examples: _Optional[int] = ..., after_topics: _Optional[int] = ..., after_formats: _Optional[int] = ..., after_dedupe: _Optional[int] = ..., overlength: _Optional[int] = ..., after_overlength: _Optional[int] = ..., train_count: _Optional[int] = ..., test_count: _Optional[int] = ..., train_tokens: _Optional[int] = ..., test_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LearningRatePoint(_message.Message):
+    __slots__ = ("step", "learning_rate")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    learning_rate: float
+    def __init__(self, step: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class WallTimeEstimate(_message.Message):
+    __slots__ = ("device_class", "seconds", "tokens_per_second", "guess", "basis", "workers")
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GUESS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    device_class: str
+    seconds: float
+    tokens_per_second: float
+    guess: bool
+    basis: str
+    workers: int
+    def __init__(self, device_class: _Optional[str] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., guess: _Optional[bool] = ..., basis: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class TrainingPlan(_message.Message):
+    __slots__ = ("steps_per_epoch", "epochs", "total_steps", "eval_steps", "checkpoint_steps", "learning_rate_schedule", "total_training_tokens", "wall_time_estimates")
+    STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TRAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    eval_steps: _containers.RepeatedScalarFieldContainer[int]
+    checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
+    learning_rate_schedule: _containers.RepeatedCompositeFieldContainer[LearningRatePoint]
+    total_training_tokens: int
+    wall_time_estimates: _containers.RepeatedCompositeFieldContainer[WallTimeEstimate]
+    def __init__(self, steps_per_epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., total_steps: _Optional[int] = ..., eval_steps: _Optional[_Iterable[int]] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., learning_rate_schedule: _Optional[_Iterable[_Union[LearningRatePoint, _Mapping]]] = ..., total_training_tokens: _Optional[int] = ..., wall_time_estimates: _Optional[_Iterable[_Union[WallTimeEstimate, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id")
@@ -117,7 +167,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "resolved_hyperparameters", "state", "failure_reason", "failure_kind", "dataset_only", "dataset", "progress", "metrics", "model_name", "model_id", "notify_email", "create_time", "update_time", "attempt")
+    __slots__ = ("id", "spec", "resolved_hyperparameters", "state", "failure_reason", "failure_kind", "dataset_only", "dataset", "progress", "metrics", "model_name", "model_id", "notify_email", "create_time", "update_time", "attempt", "report_path")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +184,7 @@ class Job(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     resolved_hyperparameters: _common_pb2.Hyperparameters
@@ -150,7 +201,8 @@ class Job(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     attempt: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., failure_reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., notify_email: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    report_path: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., failure_reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., notify_email: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., report_path: _Optional[str] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job", "warnings")
@@ -217,12 +269,14 @@ class JobEvent(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("job_id", "after_sequence")
+    __slots__ = ("job_id", "after_sequence", "history_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_sequence: int
-    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    history_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ..., history_only: _Optional[bool] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
     __slots__ = ("event",)

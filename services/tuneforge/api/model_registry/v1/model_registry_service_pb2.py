@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tuneforge.api.common.v1 import common_pb2 as tuneforge_dot_api_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n<tuneforge/api/model_registry/v1/model_registry_service.proto\x12\x1ftuneforge.api.model_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$tuneforge/api/common/v1/common.proto\"\xb2\x03\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x38\n\x07\x64\x61taset\x18\x07 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x39\n\x07metrics\x18\x08 \x01(\x0b\x32(.tuneforge.api.common.v1.TrainingMetrics\x12\x41\n\x0fhyperparameters\x18\t \x01(\x0b\x32(.tuneforge.api.common.v1.Hyperparameters\x12\x34\n\x05\x66iles\x18\n \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x0b \x01(\t\x12\x11\n\tagent_ids\x18\x0c \x03(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x10GetModelResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x12ListModelsResponse\x12\x36\n\x06models\x18\x01 \x03(\x0b\x32&.tuneforge.api.model_registry.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13ResolveModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xde\x01\n\x14ResolveModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_model_source\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_uri\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\x12\x18\n\x10vllm_lora_module\x18\x08 \x01(\t\x12\x11\n\tlora_rank\x18\t \x01(\x05\"<\n\x19\x41ssignModelToAgentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"S\n\x1a\x41ssignModelToAgentResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\"7\n\x14UnassignModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"N\n\x15UnassignModelResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\"%\n\x14\x44ownloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"J\n\x15\x44ownloadModelResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".tuneforge.api.common.v1.FileChunk\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\x88\x07\n\x14ModelRegistryService\x12o\n\x08GetModel\x12\x30.tuneforge.api.model_registry.v1.GetModelRequest\x1a\x31.tuneforge.api.model_registry.v1.GetModelResponse\x12u\n\nListModels\x12\x32.tuneforge.api.model_registry.v1.ListModelsRequest\x1a\x33.tuneforge.api.model_registry.v1.ListModelsResponse\x12{\n\x0cResolveModel\x12\x34.tuneforge.api.model_registry.v1.ResolveModelRequest\x1a\x35.tuneforge.api.model_registry.v1.ResolveModelResponse\x12\x8d\x01\n\x12\x41ssignModelToAgent\x12:.tuneforge.api.model_registry.v1.AssignModelToAgentRequest\x1a;.tuneforge.api.model_registry.v1.AssignModelToAgentResponse\x12~\n\rUnassignModel\x12\x35.tuneforge.api.model_registry.v1.UnassignModelRequest\x1a\x36.tuneforge.api.model_registry.v1.UnassignModelResponse\x12\x80\x01\n\rDownloadModel\x12\x35.tuneforge.api.model_registry.v1.DownloadModelRequest\x1a\x36.tuneforge.api.model_registry.v1.DownloadModelResponse0\x01\x12x\n\x0b\x44\x65leteModel\x12\x33.tuneforge.api.model_registry.v1.DeleteModelRequest\x1a\x34.tuneforge.api.model_registry.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n<tuneforge/api/model_registry/v1/model_registry_service.proto\x12\x1ftuneforge.api.model_registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$tuneforge/api/common/v1/common.proto\"\xb2\x03\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x38\n\x07\x64\x61taset\x18\x07 \x01(\x0b\x32\'.tuneforge.api.common.v1.DatasetSummary\x12\x39\n\x07metrics\x18\x08 \x01(\x0b\x32(.tuneforge.api.common.v1.TrainingMetrics\x12\x41\n\x0fhyperparameters\x18\t \x01(\x0b\x32(.tuneforge.api.common.v1.Hyperparameters\x12\x34\n\x05\x66iles\x18\n \x03(\x0b\x32%.tuneforge.api.common.v1.ArtifactFile\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x0b \x01(\t\x12\x11\n\tagent_ids\x18\x0c \x03(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x10GetModelResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\"\x8d\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x1b\n\x13include_base_models\x18\x06 \x01(\x08\"\x9e\x01\n\x12ListModelsResponse\x12\x36\n\x06models\x18\x01 \x03(\x0b\x32&.tuneforge.api.model_registry.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x37\n\x0b\x62\x61se_models\x18\x03 \x03(\x0b\x32\".tuneforge.api.common.v1.BaseModel\"#\n\x13ResolveModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xde\x01\n\x14ResolveModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_model_source\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_uri\x18\x06 \x01(\t\x12\x15\n\rchat_template\x18\x07 \x01(\t\x12\x18\n\x10vllm_lora_module\x18\x08 \x01(\t\x12\x11\n\tlora_rank\x18\t \x01(\x05\"M\n\x19\x41ssignModelToAgentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"S\n\x1a\x41ssignModelToAgentResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\"7\n\x14UnassignModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"N\n\x15UnassignModelResponse\x12\x35\n\x05model\x18\x01 \x01(\x0b\x32&.tuneforge.api.model_registry.v1.Model\"\x89\x01\n\nAssignment\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x16ListAssignmentsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"[\n\x17ListAssignmentsResponse\x12@\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32+.tuneforge.api.model_registry.v1.Assignment\"%\n\x14\x44ownloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"J\n\x15\x44ownloadModelResponse\x12\x31\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\".tuneforge.api.common.v1.FileChunk\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse2\x8f\x08\n\x14ModelRegistryService\x12o\n\x08GetModel\x12\x30.tuneforge.api.model_registry.v1.GetModelRequest\x1a\x31.tuneforge.api.model_registry.v1.GetModelResponse\x12u\n\nListModels\x12\x32.tuneforge.api.model_registry.v1.ListModelsRequest\x1a\x33.tuneforge.api.model_registry.v1.ListModelsResponse\x12{\n\x0cResolveModel\x12\x34.tuneforge.api.model_registry.v1.ResolveModelRequest\x1a\x35.tuneforge.api.model_registry.v1.ResolveModelResponse\x12\x8d\x01\n\x12\x41ssignModelToAgent\x12:.tuneforge.api.model_registry.v1.AssignModelToAgentRequest\x1a;.tuneforge.api.model_registry.v1.AssignModelToAgentResponse\x12~\n\rUnassignModel\x12\x35.tuneforge.api.model_registry.v1.UnassignModelRequest\x1a\x36.tuneforge.api.model_registry.v1.UnassignModelResponse\x12\x84\x01\n\x0fListAssignments\x12\x37.tuneforge.api.model_registry.v1.ListAssignmentsRequest\x1a\x38.tuneforge.api.model_registry.v1.ListAssignmentsResponse\x12\x80\x01\n\rDownloadModel\x12\x35.tuneforge.api.model_registry.v1.DownloadModelRequest\x1a\x36.tuneforge.api.model_registry.v1.DownloadModelResponse0\x01\x12x\n\x0b\x44\x65leteModel\x12\x33.tuneforge.api.model_registry.v1.DeleteModelRequest\x1a\x34.tuneforge.api.model_registry.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,30 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_end=637
   _globals['_GETMODELRESPONSE']._serialized_start=639
   _globals['_GETMODELRESPONSE']._serialized_end=712
-  _globals['_LISTMODELSREQUEST']._serialized_start=714
-  _globals['_LISTMODELSREQUEST']._serialized_end=772
-  _globals['_LISTMODELSRESPONSE']._serialized_start=774
-  _globals['_LISTMODELSRESPONSE']._serialized_end=875
-  _globals['_RESOLVEMODELREQUEST']._serialized_start=877
-  _globals['_RESOLVEMODELREQUEST']._serialized_end=912
-  _globals['_RESOLVEMODELRESPONSE']._serialized_start=915
-  _globals['_RESOLVEMODELRESPONSE']._serialized_end=1137
-  _globals['_ASSIGNMODELTOAGENTREQUEST']._serialized_start=1139
-  _globals['_ASSIGNMODELTOAGENTREQUEST']._serialized_end=1199
-  _globals['_ASSIGNMODELTOAGENTRESPONSE']._serialized_start=1201
-  _globals['_ASSIGNMODELTOAGENTRESPONSE']._serialized_end=1284
-  _globals['_UNASSIGNMODELREQUEST']._serialized_start=1286
-  _globals['_UNASSIGNMODELREQUEST']._serialized_end=1341
-  _globals['_UNASSIGNMODELRESPONSE']._serialized_start=1343
-  _globals['_UNASSIGNMODELRESPONSE']._serialized_end=1421
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1423
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1460
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1462
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1536
-  _globals['_DELETEMODELREQUEST']._serialized_start=1538
-  _globals['_DELETEMODELREQUEST']._serialized_end=1573
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1575
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1596
-  _globals['_MODELREGISTRYSERVICE']._serialized_start=1599
-  _globals['_MODELREGISTRYSERVICE']._serialized_end=2503
+  _globals['_LISTMODELSREQUEST']._serialized_start=715
+  _globals['_LISTMODELSREQUEST']._serialized_end=856
+  _globals['_LISTMODELSRESPONSE']._serialized_start=859
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1017
+  _globals['_RESOLVEMODELREQUEST']._serialized_start=1019
+  _globals['_RESOLVEMODELREQUEST']._serialized_end=1054
+  _globals['_RESOLVEMODELRESPONSE']._serialized_start=1057
+  _globals['_RESOLVEMODELRESPONSE']._serialized_end=1279
+  _globals['_ASSIGNMODELTOAGENTREQUEST']._serialized_start=1281
+  _globals['_ASSIGNMODELTOAGENTREQUEST']._serialized_end=1358
+  _globals['_ASSIGNMODELTOAGENTRESPONSE']._serialized_start=1360
+  _globals['_ASSIGNMODELTOAGENTRESPONSE']._serialized_end=1443
+  _globals['_UNASSIGNMODELREQUEST']._serialized_start=1445
+  _globals['_UNASSIGNMODELREQUEST']._serialized_end=1500
+  _globals['_UNASSIGNMODELRESPONSE']._serialized_start=1502
+  _globals['_UNASSIGNMODELRESPONSE']._serialized_end=1580
+  _globals['_ASSIGNMENT']._serialized_start=1583
+  _globals['_ASSIGNMENT']._serialized_end=1720
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_start=1722
+  _globals['_LISTASSIGNMENTSREQUEST']._serialized_end=1779
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_start=1781
+  _globals['_LISTASSIGNMENTSRESPONSE']._serialized_end=1872
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1874
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1911
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1913
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1987
+  _globals['_DELETEMODELREQUEST']._serialized_start=1989
+  _globals['_DELETEMODELREQUEST']._serialized_end=2024
+  _globals['_DELETEMODELRESPONSE']._serialized_start=2026
+  _globals['_DELETEMODELRESPONSE']._serialized_end=2047
+  _globals['_MODELREGISTRYSERVICE']._serialized_start=2050
+  _globals['_MODELREGISTRYSERVICE']._serialized_end=3089
 # @@protoc_insertion_point(module_scope)

@@ -53,20 +53,30 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "base_model", "method", "agent_id", "include_base_models")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BASE_MODELS_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    base_model: str
+    method: str
+    agent_id: str
+    include_base_models: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., agent_id: _Optional[str] = ..., include_base_models: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "next_page_token")
+    __slots__ = ("models", "next_page_token", "base_models")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     next_page_token: str
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    base_models: _containers.RepeatedCompositeFieldContainer[_common_pb2.BaseModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., base_models: _Optional[_Iterable[_Union[_common_pb2.BaseModel, _Mapping]]] = ...) -> None: ...
 
 class ResolveModelRequest(_message.Message):
     __slots__ = ("name",)
@@ -97,12 +107,14 @@ class ResolveModelResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., base_model_source: _Optional[str] = ..., adapter_uri: _Optional[str] = ..., chat_template: _Optional[str] = ..., vllm_lora_module: _Optional[str] = ..., lora_rank: _Optional[int] = ...) -> None: ...
 
 class AssignModelToAgentRequest(_message.Message):
-    __slots__ = ("model", "agent_id")
+    __slots__ = ("model", "agent_id", "replace")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     model: str
     agent_id: str
-    def __init__(self, model: _Optional[str] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    replace: bool
+    def __init__(self, model: _Optional[str] = ..., agent_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class AssignModelToAgentResponse(_message.Message):
     __slots__ = ("model",)
@@ -123,6 +135,34 @@ class UnassignModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("agent_id", "model_id", "model_name", "base_model", "create_time")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    model_id: str
+    model_name: str
+    base_model: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, agent_id: _Optional[str] = ..., model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., base_model: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListAssignmentsRequest(_message.Message):
+    __slots__ = ("model", "agent_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    agent_id: str
+    def __init__(self, model: _Optional[str] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class ListAssignmentsResponse(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -60,6 +60,11 @@ class ModelRegistryServiceStub:
                 request_serializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelResponse.FromString,
                 _registered_method=True)
+        self.ListAssignments = channel.unary_unary(
+                '/tuneforge.api.model_registry.v1.ModelRegistryService/ListAssignments',
+                request_serializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsResponse.FromString,
+                _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/tuneforge.api.model_registry.v1.ModelRegistryService/DownloadModel',
                 request_serializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.DownloadModelRequest.SerializeToString,
@@ -84,7 +89,7 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the workspace's models (the "Hosting & Models" view).
+        """Lists the workspace's models and the base catalog (the "Hosting & Models" view).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +116,13 @@ class ModelRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAssignments(self, request, context):
+        """Lists which agent uses which model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadModel(self, request, context):
         """Streams a model's adapter files (Enterprise only).
         """
@@ -119,7 +131,7 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model and its agent assignments.
+        """Deletes a model; refused (FAILED_PRECONDITION) while an agent uses it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +164,11 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
                     servicer.UnassignModel,
                     request_deserializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelRequest.FromString,
                     response_serializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelResponse.SerializeToString,
+            ),
+            'ListAssignments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAssignments,
+                    request_deserializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsRequest.FromString,
+                    response_serializer=tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsResponse.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
@@ -300,6 +317,33 @@ class ModelRegistryService:
             '/tuneforge.api.model_registry.v1.ModelRegistryService/UnassignModel',
             tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelRequest.SerializeToString,
             tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.UnassignModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAssignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.api.model_registry.v1.ModelRegistryService/ListAssignments',
+            tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsRequest.SerializeToString,
+            tuneforge_dot_api_dot_model__registry_dot_v1_dot_model__registry__service__pb2.ListAssignmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,7 @@
+"""``python -m tuneforge.cli``."""
+
+import sys
+
+from tuneforge.cli import main
+
+sys.exit(main())
