@@ -201,9 +201,13 @@ def test_readme_cli_session(tmp_path, stack_up):
 def watch_with_a_forced_reconnect(s: Session, up: subprocess.Popen, job_id: str) -> dict:
     watch = subprocess.Popen(s.argv(["jobs", "watch", job_id]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=s.env(), cwd=s.tmp)
-    wait_for_training(s, job_id)
-    os.kill(service_pid(up.pid, "job-scheduler"), signal.SIGKILL)
-    out, err = watch.communicate(timeout=600)
+    try:
+        wait_for_training(s, job_id)
+        os.kill(service_pid(up.pid, "job-scheduler"), signal.SIGKILL)
+        out, err = watch.communicate(timeout=600)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
     assert watch.returncode == 0, (out, err)
     doc = json.loads(out)
     assert doc["state"] == "SUCCEEDED" and doc["complete"] is True
@@ -226,9 +230,13 @@ def test_watch_interrupted_and_restarted_shows_every_event_once(tmp_path, stack_
                     "--topic", "returns", "--set", "max_epochs=4"])["job"]["id"]
     first = subprocess.Popen(s.argv(["jobs", "watch", job_id]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=s.env(), cwd=s.tmp)
-    wait_for_training(s, job_id)
-    first.send_signal(signal.SIGINT)
-    out, err = first.communicate(timeout=60)
+    try:
+        wait_for_training(s, job_id)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert first.returncode == 130, (out, err)
     before = json.loads(out)
     assert before["complete"] is False and before["events"], before
@@ -242,3 +250,15 @@ def test_watch_interrupted_and_restarted_shows_every_event_once(tmp_path, stack_
     assert sequences(second)[0] == sequences(before)[-1] + 1
     # Finished: a third watch shows the whole history again (the resume point is gone).
     assert sequences(s.run(["jobs", "watch", job_id])) == sequences(history)
+    checkpoints = s.run(["jobs", "checkpoints", job_id])["checkpoints"]
+    assert checkpoints and int(checkpoints[-1]["step"]) == int(s.run(["jobs", "get", job_id])["metrics"]["steps"])
+
+    # A cancelled job: `jobs cancel` answers the job, `jobs watch` ends with exit code 1.
+    other = s.run(["jobs", "create", "--name", "w-cancelled", "--base-model", "llama-3.1-8b", "--topic", "billing",
+                   "--topic", "returns", "--set", "max_epochs=50"])["job"]["id"]
+    cancelled = s.run(["jobs", "cancel", other])
+    assert cancelled["id"] == other
+    watched = s.run(["jobs", "watch", other], expected=1)
+    assert watched["state"] == "CANCELLED" and watched["complete"] is True
+    listed = s.run(["jobs", "list"])["jobs"]
+    assert [j["id"] for j in listed] == [other, job_id]  # newest first

@@ -141,7 +141,7 @@ def lr_plot(points, width: int = 48, height: int = 6) -> list[str]:
     rows = []
     for r in range(height, 0, -1):
         threshold = low + span * (r - 1) / height if top != low else top * (r - 1) / height  # the floor row is full
-        rows.append("".join("█" if v >= threshold else " " for v in columns))
+        rows.append("".join("█" if v >= threshold - 1e-9 * top else " " for v in columns))  # float slack
     labels = [f"{top:.2e} ┤", *([" " * 9 + "│"] * (height - 2)), f"{low:.2e} ┤"]
     out = [f"{label}{row}" for label, row in zip(labels, rows)]
     out.append(" " * 10 + f"step {first}".ljust(width - len(f"step {last}")) + f"step {last}")
