@@ -20,6 +20,7 @@ reads (progress, hints) goes to stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import asyncio
 import json
 import os
@@ -120,6 +121,42 @@ async def pages(fetch: Callable, args, items: str):
         token = reply.next_page_token
         if not args.all or not token:
             return out, token
+
+
+def next_page_command(args, command: str, **filters: str | bool | None) -> str:
+    """The command line that shows the next page: the same filters (a page token is only valid
+    with them) and the same ``--limit``."""
+    import shlex
+
+    for name, value in filters.items():
+        if value is True:
+            command += f" --{name.replace('_', '-')}"
+        elif value:
+            command += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+    return command + (f" --limit {args.limit}" if args.limit != 20 else "")
+
+
+def downloaded_files(out_dir: Path, paths: list[Path]) -> list[dict]:
+    """The files a download wrote: path (relative to ``out_dir``), size and SHA-256 of what is on
+    disk, so a script can compare them with the registry's (``models get --json``'s files)."""
+    files = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        files.append({"path": path.relative_to(out_dir).as_posix(), "size_bytes": path.stat().st_size,
+                      "sha256": digest.hexdigest()})
+    return files
+
+
+def print_downloaded(args, what: dict, out_dir: Path, files: list[dict]) -> None:
+    """A download's outcome: the JSON document, or the files as a table and a total."""
+    if wants_json(args):
+        print_json({**what, "dir": str(out_dir), "files": files})
+        return
+    print(table([(f["path"], _size(f["size_bytes"]), f["sha256"][:12]) for f in files], ("PATH", "SIZE", "SHA256")))
+    print(f"{len(files)} files, {_size(sum(f['size_bytes'] for f in files))}, in {out_dir}")
 
 
 def print_page_hint(token: str, command: str) -> None:
@@ -232,11 +269,6 @@ def run(args, coro) -> int:
         else:
             print(f"tuneforge: {'error: ' if not isinstance(exc, Failed) else ''}{exc}", file=sys.stderr)
         return exit_code(exc)
-
-
-# Kept under the old name for the commands that predate run(args, ...).
-def _run(coro) -> int:
-    return run(argparse.Namespace(), coro)
 
 
 def _set_value(key: str, value: str, kind: type):

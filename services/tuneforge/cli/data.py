@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from tuneforge.cli.common import (
-    UsageError, _clients, _size, _truncate, add_json, add_paging, pages, print_json, print_page_hint, run, table,
+    UsageError, _clients, _size, _truncate, add_json, add_paging, downloaded_files, next_page_command, pages,
+    print_downloaded, print_json, print_page_hint, run, table,
     timestamp_text, wants_json,
 )
-from tuneforge.cli.models import check_limit, downloaded_files, next_page_command, print_downloaded
 
 
 def cmd_data_import(args) -> int:
@@ -71,7 +71,6 @@ def cmd_data_topics(args) -> int:
 def cmd_data_list(args) -> int:
     from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 
-    check_limit(args)
 
     async def work():
         async with _clients(args) as clients:
@@ -178,7 +177,6 @@ def cmd_dataset_get(args) -> int:
 def cmd_dataset_list(args) -> int:
     from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 
-    check_limit(args)
 
     async def work():
         async with _clients(args) as clients:

@@ -11,7 +11,8 @@ import uuid
 
 from tuneforge.cli.common import (
     EXIT_OK, EXIT_USER_ERROR, UsageError, _clients, _data_dir, _human_count, _parse_options, _parse_sets,
-    _truncate, add_json, add_paging, message_dict, note, pages, print_json, print_page_hint, run, state_name,
+    _truncate, add_json, add_paging, message_dict, next_page_command, note, pages, print_json, print_page_hint, run,
+    state_name,
     table, timestamp_text, wants_json,
 )
 
@@ -221,7 +222,7 @@ def cmd_job_list(args) -> int:
         print(table([(j.id, j.spec.name, state_name(j.state), j.spec.base_model, j.spec.method, _progress_text(j),
                       timestamp_text(j.create_time)) for j in jobs],
                     ("id", "name", "state", "base model", "method", "progress", "created (utc)"), empty="no jobs"))
-        print_page_hint(token, "tuneforge jobs list")
+        print_page_hint(token, next_page_command(args, "tuneforge jobs list"))
         return EXIT_OK
 
     return run(args, work())

@@ -8,13 +8,13 @@ where a command does more than one call); errors and exit codes come from :func:
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 from tuneforge.cli.common import (
     EXIT_USER_ERROR, Failed, UsageError, _clients, _data_dir, _human_count, _model_store, _progress, _size, _truncate,
-    add_json, add_paging, error_document, message_dict, note, pages, print_json, print_page_hint, run, table,
+    add_json, add_paging, downloaded_files, error_document, message_dict, next_page_command, note, pages,
+    print_downloaded, print_json, print_page_hint, run, table,
     timestamp_text, wants_json,
 )
 
@@ -40,26 +40,6 @@ def run_local(args, fn) -> int:
             print_json(error_document(exc))
         print(f"tuneforge: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def check_limit(args) -> None:
-    """``--limit`` judged before connecting, so a bad one is a usage error (exit code 2) whatever
-    the state of the stack (``common.pages`` checks it again)."""
-    if not 1 <= args.limit <= 200:
-        raise UsageError("--limit must be 1 to 200")
-
-
-def next_page_command(args, command: str, **filters: str | bool | None) -> str:
-    """The command line that shows the next page: the same filters (a page token is only valid
-    with them) and the same ``--limit``."""
-    import shlex
-
-    for name, value in filters.items():
-        if value is True:
-            command += f" --{name.replace('_', '-')}"
-        elif value:
-            command += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
-    return command + (f" --limit {args.limit}" if args.limit != 20 else "")
 
 
 def _progress_for(args):
@@ -163,7 +143,6 @@ def _models_table(models) -> str:
 def cmd_models_list(args) -> int:
     from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
 
-    check_limit(args)
 
     async def work():
         first: list = []
@@ -325,29 +304,6 @@ def cmd_models_assignments(args) -> int:
         return 0
 
     return run(args, work())
-
-
-def downloaded_files(out_dir: Path, paths: list[Path]) -> list[dict]:
-    """The files a download wrote: path (relative to ``out_dir``), size and SHA-256 of what is on
-    disk, so a script can compare them with the registry's (``models get --json``'s files)."""
-    files = []
-    for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        files.append({"path": path.relative_to(out_dir).as_posix(), "size_bytes": path.stat().st_size,
-                      "sha256": digest.hexdigest()})
-    return files
-
-
-def print_downloaded(args, what: dict, out_dir: Path, files: list[dict]) -> None:
-    """A download's outcome: the JSON document, or the files as a table and a total."""
-    if wants_json(args):
-        print_json({**what, "dir": str(out_dir), "files": files})
-        return
-    print(table([(f["path"], _size(f["size_bytes"]), f["sha256"][:12]) for f in files], ("PATH", "SIZE", "SHA256")))
-    print(f"{len(files)} files, {_size(sum(f['size_bytes'] for f in files))}, in {out_dir}")
 
 
 def cmd_models_download(args) -> int:

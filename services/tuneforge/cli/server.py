@@ -11,9 +11,7 @@ import sys  # noqa: F401
 from pathlib import Path  # noqa: F401
 
 from tuneforge.core.settings import SERVICES
-from tuneforge.cli.common import (  # noqa: F401
-    EXIT_OK, EXIT_USER_ERROR, Failed, UsageError, add_json, add_paging, note, pages, print_json, print_page_hint, run, table, timestamp_text, state_name, wants_json, message_dict, _admin_token, _clients, _data_dir, _human_count, _model_store, _parse_options, _parse_sets, _progress, _run, _shown, _size, _truncate,
-)
+from tuneforge.cli.common import _data_dir, _parse_sets
 
 
 # -- server side -------------------------------------------------------------------------------
