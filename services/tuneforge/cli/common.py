@@ -192,10 +192,12 @@ def _endpoints(args) -> dict[str, str]:
 
 
 def _clients(args, token: str | None = None):
-    """Stubs of the five services with the API key (or ``token``) on every call."""
-    from tuneforge.core.client import Clients
+    """The typed client (:class:`tuneforge.client.AsyncClient`) on the stack's endpoints with the
+    API key (or ``token``): a deadline on every call, reads retried while a service restarts,
+    typed errors."""
+    from tuneforge.client import AsyncClient
 
-    return Clients.connect(_endpoints(args), token or _api_key(args))
+    return AsyncClient(_endpoints(args), api_key=token or _api_key(args))
 
 
 def _admin_token(args) -> str:
@@ -211,30 +213,38 @@ def _admin_token(args) -> str:
 UNAVAILABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
-def error_document(exc: BaseException) -> dict:
-    """An error as the ``--json`` output's document."""
+def rpc_error(exc: BaseException):
+    """A failed call as the typed client's error (:class:`tuneforge.client.TuneforgeError`), also
+    for a raw gRPC error; None for anything else."""
     import grpc
 
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        from tuneforge.core.errors import error_reason, field_violations
+    from tuneforge.client import TuneforgeError, from_rpc_error
 
-        doc = {"code": exc.code().name, "message": " ".join(str(exc.details() or "").split())}
-        reason = error_reason(exc)
-        if reason:
-            doc["reason"] = reason
-        violations = field_violations(exc)
-        if violations:
-            doc["field_violations"] = [{"field": f, "description": d} for f, d in violations]
+    if isinstance(exc, TuneforgeError):
+        return exc
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return from_rpc_error(exc)
+    return None
+
+
+def error_document(exc: BaseException) -> dict:
+    """An error as the ``--json`` output's document."""
+    error = rpc_error(exc)
+    if error is not None:
+        doc = {"code": error.code.name, "message": " ".join(error.message.split())}
+        if error.reason:
+            doc["reason"] = error.reason
+        if error.field_violations:
+            doc["field_violations"] = [{"field": f, "description": d} for f, d in error.field_violations]
         return {"error": doc}
     kind = {UsageError: "USAGE", Unavailable: "UNAVAILABLE"}.get(type(exc), "FAILED")
     return {"error": {"code": kind, "message": " ".join(str(exc).split())}}
 
 
 def exit_code(exc: BaseException) -> int:
-    import grpc
-
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return EXIT_UNAVAILABLE if exc.code().name in UNAVAILABLE_CODES else EXIT_USER_ERROR
+    error = rpc_error(exc)
+    if error is not None:
+        return EXIT_UNAVAILABLE if error.code.name in UNAVAILABLE_CODES else EXIT_USER_ERROR
     if isinstance(exc, UsageError):
         return EXIT_USAGE
     if isinstance(exc, Unavailable):
@@ -243,13 +253,12 @@ def exit_code(exc: BaseException) -> int:
 
 
 def rpc_error_line(exc) -> str:
-    """An RPC error as one line: status code, the server's message, field violations it lacks."""
-    from tuneforge.core.errors import field_violations
-
-    line = " ".join(str(exc.details() or "").split())
-    extra = [f"{f}: {d}" for f, d in field_violations(exc) if f"{f}: {d}" not in line]
-    text = f"{exc.code().name}: {line}" + ("; " + "; ".join(extra) if extra else "")
-    if exc.code().name == "UNAVAILABLE":
+    """A failed call as one line: status code, the server's message, field violations it lacks."""
+    error = rpc_error(exc)
+    line = " ".join(error.message.split())
+    extra = [f"{f}: {d}" for f, d in error.field_violations if f"{f}: {d}" not in line]
+    text = f"{error.code.name}: {line}" + ("; " + "; ".join(extra) if extra else "")
+    if error.code.name == "UNAVAILABLE":
         text += " (is the stack running? `tuneforge up`)"
     return text
 
@@ -259,12 +268,14 @@ def run(args, coro) -> int:
     stdout with --json) and the documented exit code. The coroutine returns the exit code."""
     import grpc
 
+    from tuneforge.client import TuneforgeError
+
     try:
         return asyncio.run(coro)
-    except (grpc.RpcError, Unavailable, Failed) as exc:
+    except (TuneforgeError, grpc.RpcError, Unavailable, Failed) as exc:
         if wants_json(args):
             print_json(exc.document if isinstance(exc, Failed) and exc.document else error_document(exc))
-        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        if rpc_error(exc) is not None:
             print(f"tuneforge: error: {rpc_error_line(exc)}", file=sys.stderr)
         else:
             print(f"tuneforge: {'error: ' if not isinstance(exc, Failed) else ''}{exc}", file=sys.stderr)
@@ -381,10 +392,9 @@ def _model_store(args) -> Path:
 def _error_line(exc: BaseException) -> str:
     """An exception as one line: an RPC error as its status code and the server's message; a
     missing file or an OS error as its own message; anything else with its type."""
-    import grpc
-
-    if isinstance(exc, grpc.aio.AioRpcError) or isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {' '.join(str(exc.details() or '').split())}"
+    error = rpc_error(exc)
+    if error is not None:
+        return f"{error.code.name}: {' '.join(error.message.split())}"
     if isinstance(exc, OSError):
         return " ".join(str(exc).split())
     text = " ".join(str(exc).split())

@@ -52,8 +52,6 @@ def _spec(args):
 
 # -- create ---------------------------------------------------------------------------------------
 def cmd_job_create(args) -> int:
-    import grpc
-
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 
     key = args.idempotency_key or uuid.uuid4().hex
@@ -61,15 +59,9 @@ def cmd_job_create(args) -> int:
     async def work():
         request = js.CreateJobRequest(spec=_spec(args), request_id=key)
         async with _clients(args) as clients:
-            for attempt, pause in enumerate((*RECONNECT_BACKOFF[:3], None)):
-                try:  # the idempotency key makes a retry return the job the first try created
-                    reply = await clients.job_scheduler.CreateJob(request)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or pause is None:
-                        raise
-                    note(f"job-scheduler unavailable; retrying with the same idempotency key ({attempt + 1})")
-                    await asyncio.sleep(pause)
+            # Retried by the client while the job-scheduler is unavailable: the idempotency key
+            # makes a retry return the job the first try created.
+            reply = await clients.job_scheduler.CreateJob(request)
         if not args.watch:
             if wants_json(args):
                 print_json(reply)
@@ -455,9 +447,8 @@ class Display:
 
 async def _watch(args, job_id: str) -> int:
     """Follow a job to its end through every lost connection, never showing an event twice."""
-    import grpc
-
     from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
+    from tuneforge.client import TuneforgeError
 
     cursor = Cursor(args, job_id)
     after = args.after if getattr(args, "after", None) is not None else (0 if getattr(args, "from_start", True) else cursor.load())
@@ -484,13 +475,13 @@ async def _watch(args, job_id: str) -> int:
                             display.event(e)
                             cursor.save(after)
                         break  # the stream ended: the job did
-                    except grpc.aio.AioRpcError as exc:
-                        if exc.code().name not in RECONNECT_CODES:
+                    except TuneforgeError as exc:
+                        if exc.code.name not in RECONNECT_CODES:
                             raise
                         if lost_since is None:
                             lost_since = time.monotonic()
                             deadline = lost_since + args.reconnect_timeout
-                            display.say(f"connection lost ({exc.code().name}); reconnecting and resuming after "
+                            display.say(f"connection lost ({exc.code.name}); reconnecting and resuming after "
                                         f"event {after} ...")
                         if time.monotonic() > deadline:
                             raise
