@@ -398,11 +398,11 @@ class Display:
         self.bar = None
         if not self.json and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+            # The ETA is the trainer's (in ``info``), not one guessed from this watch's updates.
             self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                console=Console(stderr=True), transient=True)
+                                TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
             self.task = None
 
     def __enter__(self):
