@@ -26,6 +26,7 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 from tuneforge.api.model_registry.v1 import model_registry_service_pb2 as mr
 from tuneforge.api.notifier.v1 import notifier_service_pb2 as nt
 from tuneforge.core.client import Clients
+from tuneforge.core.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "conversations.jsonl"
@@ -182,13 +183,15 @@ def main(data_dir: Path, keep_running: bool = False) -> int:
     d = job.dataset
     table.add_row("dataset", f"{d.dataset_id}: {d.train_count} train / {d.test_count} test, topics "
                   + ", ".join(f"{t}={n}" for t, n in sorted(d.topic_counts.items())))
-    table.add_row("dataset files", str(data_dir / "artifacts" / d.artifact_path))
+    # Where the stack's services put artifacts: <data dir>/artifacts, or $TUNEFORGE_ARTIFACT_URL (s3://...).
+    artifacts = Settings(data_dir=data_dir).resolved_artifact_url().removeprefix("file://")
+    table.add_row("dataset files", f"{artifacts}/{d.artifact_path}")
     if outcome.model is not None:
         m = outcome.model
         table.add_row("model", f"{m.name} ({m.id}) on {m.base_model}, eval loss "
                       + (f"{m.metrics.eval_loss:.4f}" if m.metrics.HasField("eval_loss") else "n/a")
                       + f", {m.metrics.steps} steps")
-        table.add_row("adapter", str(data_dir / "artifacts" / m.adapter_path))
+        table.add_row("adapter", f"{artifacts}/{m.adapter_path}")
     else:
         ok = False
         table.add_row("model", "[red]not registered[/]")

@@ -129,7 +129,9 @@ class Bus:
         cls, url: str, producer: str, *, connect_timeout: float = 5.0, redelivery: RedeliveryPolicy | None = None
     ) -> "Bus":
         nc = await nats.connect(
-            url,
+            # A NATS cluster: TUNEFORGE_NATS_URL may list its nodes, comma-separated (nats-py takes
+            # a list; one string would seed one node only).
+            servers=[u.strip() for u in url.split(",") if u.strip()],
             name=f"tuneforge-{producer}",
             connect_timeout=connect_timeout,
             max_reconnect_attempts=-1,

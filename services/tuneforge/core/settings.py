@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     model_registry_database_url: str | None = None
     notifier_database_url: str | None = None
 
-    artifact_url: str | None = Field(None, description="fsspec URL of the artifact store; default data_dir/artifacts.")
+    artifact_url: str | None = Field(
+        None, description="fsspec URL of the artifact store; default data_dir/artifacts. s3://bucket/prefix needs the "
+        "s3 extra and takes its endpoint and credentials from AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL), "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION (core/storage.py); the bucket must exist.")
     model_store: Path | None = Field(None, description="Directory of <catalog id>/ model folders; default data_dir/models.")
 
     admin_token: str | None = Field(None, description="Token that may create workspaces.")
