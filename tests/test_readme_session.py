@@ -262,3 +262,13 @@ def test_watch_interrupted_and_restarted_shows_every_event_once(tmp_path, stack_
     assert watched["state"] == "CANCELLED" and watched["complete"] is True
     listed = s.run(["jobs", "list"])["jobs"]
     assert [j["id"] for j in listed] == [other, job_id]  # newest first
+
+    # `jobs create --watch` of a job that fails (one topic: fewer than min_examples): exit code 1,
+    # the watch's document with the failure.
+    result = subprocess.run(s.argv(["jobs", "create", "--name", "w-too-small", "--base-model", "llama-3.1-8b",
+                                    "--topic", "billing", "--watch"]), capture_output=True, text=True, env=s.env(),
+                            cwd=s.tmp, timeout=300)
+    assert result.returncode == 1 and "error" not in result.stderr, result.stderr  # an outcome, not an error
+    failed = json.loads(result.stdout)
+    assert failed["state"] == "FAILED" and failed["complete"] is True
+    assert "min_examples" in failed["events"][-1]["message"]

@@ -47,12 +47,8 @@ class Unavailable(Exception):
 
 
 class Failed(Exception):
-    """The command ran but its outcome is a failure (e.g. the watched job FAILED): exit code 1.
-    ``document`` is what ``--json`` prints."""
-
-    def __init__(self, message: str, document: dict | None = None):
-        super().__init__(message)
-        self.document = document
+    """The command ran but its outcome is a failure (an import that could not be done, a model
+    that could not be loaded): exit code 1."""
 
 
 def _data_dir(args) -> Path:
@@ -274,7 +270,7 @@ def run(args, coro) -> int:
         return asyncio.run(coro)
     except (TuneforgeError, grpc.RpcError, Unavailable, Failed) as exc:
         if wants_json(args):
-            print_json(exc.document if isinstance(exc, Failed) and exc.document else error_document(exc))
+            print_json(error_document(exc))
         if rpc_error(exc) is not None:
             print(f"tuneforge: error: {rpc_error_line(exc)}", file=sys.stderr)
         else:

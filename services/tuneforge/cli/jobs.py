@@ -495,27 +495,13 @@ async def _watch(args, job_id: str) -> int:
         cursor.clear()
     if not wants_json(args):
         print(f"job {job_id} {state.lower() or 'has no events'}")
-    if state != "SUCCEEDED":
-        raise _Exit(EXIT_USER_ERROR)
-    return EXIT_OK
-
-
-class _Exit(Exception):
-    def __init__(self, code: int):
-        self.code = code
+    return EXIT_OK if state == "SUCCEEDED" else EXIT_USER_ERROR  # FAILED/CANCELLED: the document is printed
 
 
 def cmd_job_watch(args) -> int:
     if args.reconnect_timeout <= 0:
         raise UsageError("--reconnect-timeout must be above 0 seconds")
-
-    async def work():
-        try:
-            return await _watch(args, args.job_id)
-        except _Exit as exc:  # the job ended FAILED or CANCELLED: the document is printed already
-            return exc.code
-
-    return run(args, work())
+    return run(args, _watch(args, args.job_id))
 
 
 def register(sub) -> None:
