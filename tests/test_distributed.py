@@ -96,7 +96,8 @@ def test_per_step_losses_match_the_one_process_run(runs):
     # the loss moved: equality is not two untrained runs agreeing
     assert two[-1][1] < two[0][1] - 0.5
     # rank 0 alone reported progress: each step once, with the same losses
-    reported = [(p["step"], p["train_loss"]) for p in runs["two_progress"] if p["train_loss"] is not None]
+    reported = [(p["step"], p["train_loss"]) for p in runs["two_progress"]
+                if p["kind"] == "progress" and p["train_loss"] is not None]
     assert reported == two
 
 

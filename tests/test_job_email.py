@@ -50,6 +50,8 @@ SEEN_PERIOD = 1
 def _announce_every_second(monkeypatch):
     """Set before the services start: the trainer reads it when its worker starts."""
     monkeypatch.setenv(w.WORKER_SEEN_PERIOD_ENV, str(SEEN_PERIOD))
+    # The CPU worker takes every pool's work, so the 70B job (pool gpu-4x80g) reaches it and fails there.
+    monkeypatch.setenv("TUNEFORGE_TRAINER_POOLS", "small,gpu-24g,gpu-80g,gpu-4x80g,gpu-8x80g")
 
 
 @pytest.fixture(autouse=True)

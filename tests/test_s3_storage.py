@@ -149,6 +149,33 @@ def test_put_dir_and_get_dir_round_trip_a_folder_tree(store, tmp_path):
     assert got == files
 
 
+def test_copy_inside_the_store_and_streamed_digest(store, monkeypatch):
+    """The registry's adapter copy: the object is copied inside the store (on S3 a server-side
+    CopyObject: the copy never opens or reads the source through this process), and its size and
+    sha256 are streamed from the copy, equal to the bytes' own."""
+    import hashlib
+
+    data = os.urandom(9 * 1024 * 1024 + 5)  # more than one 8 MiB read block
+    store.put_bytes("runs/ws/j/attempt-1/adapter/adapter_model.safetensors", data)
+    store.put_bytes("runs/ws/j/attempt-1/adapter/empty.txt", b"")
+    if not store.is_local:
+        with monkeypatch.context() as mp:
+            for name in ("open", "cat_file", "get_file"):
+                mp.setattr(store.fs, name, lambda *a, _n=name, **k: pytest.fail(f"copy read the object ({_n})"))
+            store.copy("runs/ws/j/attempt-1/adapter/empty.txt", "models/ws/probe/empty.txt")
+        assert store.get_bytes("models/ws/probe/empty.txt") == b""
+    store.copy("runs/ws/j/attempt-1/adapter/adapter_model.safetensors", "models/ws/m/adapter_model.safetensors")
+    store.copy("runs/ws/j/attempt-1/adapter/empty.txt", "models/ws/m/empty.txt")
+    assert store.get_bytes("models/ws/m/adapter_model.safetensors") == data
+    assert store.digest("models/ws/m/adapter_model.safetensors") == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.digest("models/ws/m/empty.txt") == (0, hashlib.sha256(b"").hexdigest())
+    assert store.list("models/ws/m") == ["models/ws/m/adapter_model.safetensors", "models/ws/m/empty.txt"]
+    with pytest.raises(FileNotFoundError):
+        store.copy("runs/ws/j/attempt-1/adapter/missing", "models/ws/m/missing")
+    with pytest.raises(FileNotFoundError):
+        store.digest("models/ws/m/missing")
+
+
 async def test_large_file_streams_in_chunks_through_file_chunks(store, tmp_path):
     """The download path every Download* RPC uses: offsets, one ``eof``, the bytes exact, and the
     empty file as one empty chunk, on both backends (the S3 one through ranged reads)."""

@@ -560,3 +560,37 @@ def test_spread_schedule():
     assert spread(1, 7) == [7]
     assert spread(20, 5) == [1, 2, 3, 4, 5]
     assert spread(0, 10) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) gradient checkpointing (the default for jobs sized for a GPU pool, core.pools)
+
+
+def test_gradient_checkpointing_option_recomputes_and_gives_the_same_losses(spec, standin_dir, data_files, tmp_path):
+    """``gradient_checkpointing=true`` turns on non-reentrant activation checkpointing in the
+    trainer's arguments and trains the same run: per-step losses equal to the run without it
+    (same data order, no dropout). Its memory saving is measured on a GPU
+    (benchmarks/gpu_distributed_check.py --gradient-checkpointing)."""
+    from tuneforge.core import pools
+    from tuneforge_builtin.sft import SFT
+
+    hp = hyperparameters(max_epochs=1, n_evals=1, n_checkpoints=1)
+    runs = {}
+    for flag in (False, True):
+        progress = []
+        context = make_context(spec, standin_dir, data_files, tmp_path / str(flag), hyperparameters=hp,
+                               method_options={"gradient_checkpointing": flag}, report_progress=progress.append)
+        prepared, _rule = SFT.prepare(context)
+        assert prepared.trainer.args.activation_checkpointing is flag
+        result = SFT.train(context)
+        runs[flag] = ({p.step: p.train_loss for p in progress if p.train_loss is not None}, result.eval_loss)
+    (off, off_eval), (on, on_eval) = runs[False], runs[True]
+    assert off and off.keys() == on.keys()
+    for step in off:
+        assert on[step] == pytest.approx(off[step], rel=1e-5), step
+    assert on_eval == pytest.approx(off_eval, rel=1e-5)
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        SFT.validate_options({"gradient_checkpointing": "yes"})
+    # The worker's default: on for every GPU pool, off for small / unsized / legacy items.
+    assert [pools.needs_gradient_checkpointing(p) for p in ("small", "", "legacy", "gpu-24g", "gpu-4x80g")] == [
+        False, False, False, True, True]

@@ -198,7 +198,7 @@ async def _jetstream_state(url: str) -> tuple[int, float]:
     try:
         js_ctx = nc.jetstream()
         events = await js_ctx.stream_info(subjects.EVENTS_STREAM)
-        consumer = await js_ctx.consumer_info(subjects.WORK_STREAM, worker.WORK_CONSUMER)
+        consumer = await js_ctx.consumer_info(subjects.WORK_STREAM, worker.work_consumer_name("small"))
         return events.state.messages, consumer.config.ack_wait
     finally:
         await nc.close()
@@ -208,8 +208,10 @@ def test_nats_server_is_restarted_on_its_port_with_its_store(stack, smtp_sink, t
     before = stack.pids()
     url = stack.nats_url
     asyncio.run(create_workspace(stack.endpoints, stack.admin_token, common_pb2.PLAN_STARTER, "a@example.com", "A"))
+    # At least that workspace's event (relayed by the outbox, so not at once), and the trainers' consumer.
+    _wait(lambda: asyncio.run(_jetstream_state(url))[0] > 0, 15, "the workspace event in the events stream")
     messages, ack_wait = asyncio.run(_jetstream_state(url))
-    assert messages > 0 and ack_wait == 1.0  # at least that workspace's event, and the trainers' consumer
+    assert messages > 0 and ack_wait == 1.0
     stack.kill(NATS)
     _wait(lambda: stack.pid(NATS) not in (None, before[NATS]), 30, "nats-server to come back")
     assert stack.nats_url == url and stack.nats.url == url

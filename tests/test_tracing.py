@@ -159,7 +159,7 @@ async def test_one_job_is_one_trace_across_the_five_services(traced_env, service
     steps = [
         (subjects.DATASET_BUILD_REQUESTED, "job-scheduler", "dataset-builder"),
         (subjects.DATASET_BUILD_SUCCEEDED, "dataset-builder", "job-scheduler"),
-        (subjects.TRAINING_RUN_REQUESTED, "job-scheduler", "trainer"),
+        (subjects.work_subject("small"), "job-scheduler", "trainer"),  # the stand-in's trainer pool
         (subjects.TRAINING_RUN_PROGRESS, "trainer", "job-scheduler"),  # published from the training thread
         (subjects.TRAINING_RUN_SUCCEEDED, "trainer", "job-scheduler"),
         (subjects.MODEL_REGISTRATION_REQUESTED, "job-scheduler", "model-registry"),

@@ -20,7 +20,11 @@ learning-rate schedule, ``n_evals`` evaluations on the test split, early stoppin
 (``lora_dropout`` included), seed, ``max_epochs`` — see :mod:`tuneforge_builtin.trl_common`.
 
 Options: ``beta`` (default 0.1, range (0, 10]): the strength of the implicit KL penalty that keeps
-the tuned model near the reference; larger values stay closer to the base model.
+the tuned model near the reference; larger values stay closer to the base model. ``quantization``
+(``"none"`` default, or ``"4bit"``: QLoRA, the base — also the reference, the adapter disabled — in
+4-bit NF4 on a CUDA GPU with bitsandbytes). It trains as one process or as several
+(``supports_distributed``: :mod:`tuneforge_builtin.distributed`; the loss is a mean over each rank's
+pairs, which DDP's gradient average turns into the mean over the step's pairs).
 
 Metrics on the test split at the end: ``eval_loss``, ``eval_reward_accuracy`` (share of pairs
 whose preferred output gets the higher implicit reward), ``eval_reward_margin`` (mean reward of the
@@ -232,6 +236,10 @@ def preference_trainer_class() -> type:
     class PackedDPOTrainer(packed.packed_trainer_class()):
         beta = 0.1
         max_tokens_per_forward = 0  # a row holds whole pairs (chosen and rejected): never cut
+        # Several processes: the loss is each rank's mean over its pairs, which DDP's average makes
+        # the step's mean only when every rank has as many pairs: accelerate's equal shards (an
+        # epoch's partial last batch is filled up with pairs from its start).
+        exact_global_batches = False
 
         def __init__(self, *args, beta: float, **kwargs):
             super().__init__(*args, **kwargs)
@@ -280,16 +288,27 @@ class DirectPreferenceOptimisation:
     name = "dpo"
     display_name = "Direct preference optimisation"
     dataset_kind = DATASET_KIND_PREFERENCES
-    option_names: tuple[str, ...] = tuple(OPTIONS_BY_NAME)
+    option_names: tuple[str, ...] = (*OPTIONS_BY_NAME, *trl_common.SHARED_OPTIONS)
+    supports_distributed = True  # every rank runs ``train`` (tuneforge_builtin.distributed)
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every numeric option with its default filled in; the shared options (``quantization``,
+        ``gradient_checkpointing``) normalised when given (their defaults are not added)."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
             valid = ", ".join(f"{p.name} (default {p.default:g}, range {p.range_text()})" for p in OPTIONS)
+            valid += f", {trl_common.SHARED_OPTIONS_TEXT}"
             raise ValueError(f"unknown DPO option(s): {', '.join(unknown)}; valid options: {valid}")
-        return {p.name: p.default if options.get(p.name) is None else validate_option(p, options[p.name])
-                for p in OPTIONS}
+        out = {p.name: p.default if options.get(p.name) is None else validate_option(p, options[p.name])
+               for p in OPTIONS}
+        trl_common.validate_shared_options(options, out)
+        return out
+
+    def check_runtime(self, options: dict[str, Any]) -> None:
+        """Before training, on the worker: ValueError (for the job's owner) when this machine cannot
+        run the options (4bit without CUDA or without bitsandbytes)."""
+        trl_common.check_quantization_runtime(options.get(trl_common.QUANTIZATION_OPTION) or "none")
 
     def train(self, context: TrainingContext) -> TrainingResult:
         prepared, options = self.prepare(context)

@@ -9,6 +9,10 @@ The schedule (learning rate, evaluations, checkpoints, early stopping, cancellat
 reports, checkpoints and the final adapter are the shared ones of
 :mod:`tuneforge_builtin.trl_common`. Heavy imports (torch, transformers, trl, peft, datasets)
 happen inside functions: this module is imported by services that never load torch.
+
+Options: ``quantization`` (``"none"`` default, or ``"4bit"``: QLoRA, the base model in 4-bit NF4 on
+a CUDA GPU with bitsandbytes; see ``trl_common.load_model_and_tokenizer``). It trains as one
+process or as several (``supports_distributed``: :mod:`tuneforge_builtin.distributed`).
 """
 
 from __future__ import annotations
@@ -195,14 +199,24 @@ class SupervisedFineTuning:
     name = "sft"
     display_name = "Supervised fine-tuning"
     dataset_kind = DATASET_KIND_CONVERSATIONS
-    option_names: tuple[str, ...] = ()  # SFT has no method options yet
+    option_names: tuple[str, ...] = trl_common.SHARED_OPTIONS
+    supports_distributed = True  # every rank runs ``train`` (tuneforge_builtin.distributed)
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options as given, normalised (defaults are not added: ``quantization`` none,
+        ``gradient_checkpointing`` the worker's choice)."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
-            raise ValueError(f"unknown SFT option(s): {', '.join(unknown)} (SFT takes no options)")
+            raise ValueError(f"unknown SFT option(s): {', '.join(unknown)}; valid options: "
+                             f"{trl_common.SHARED_OPTIONS_TEXT}")
+        trl_common.validate_shared_options(options, options)
         return options
+
+    def check_runtime(self, options: dict[str, Any]) -> None:
+        """Before training, on the worker: ValueError (for the job's owner) when this machine cannot
+        run the options (4bit without CUDA or without bitsandbytes)."""
+        trl_common.check_quantization_runtime(options.get(trl_common.QUANTIZATION_OPTION) or "none")
 
     def train(self, context: TrainingContext) -> TrainingResult:
         prepared, rule = self.prepare(context)

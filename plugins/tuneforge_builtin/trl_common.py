@@ -15,15 +15,27 @@ A method builds its datasets and its TRL trainer (``trainer_arguments`` for the 
 ``lora_config`` for the adapter, ``callbacks`` for the schedule) and hands it to
 :func:`run_to_completion`. Heavy imports (torch, transformers, trl, peft) happen inside functions:
 this module is imported by services that never load torch.
+
+Several processes (:mod:`tuneforge_builtin.distributed`: every rank runs the method's ``train``):
+the product's ``batch_size`` stays the examples of one optimiser step over all ranks
+(:func:`per_device_batch`); checkpoints are renamed and reported by rank 0 after a barrier; the
+final adapter is written once (LoRA weights gathered first when FSDP shards them); the comparison
+with the base model evaluates the base loss on every rank (a collective) and generates on rank 0.
+With one process every one of these is what it always was.
+
+QLoRA: the method option ``quantization`` (:data:`QUANTIZATION_CHOICES`, default ``"none"``);
+``"4bit"`` loads the base model in 4-bit NF4 (bitsandbytes, CUDA only) under the LoRA adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -48,6 +60,9 @@ log = logging.getLogger(__name__)
 ADAPTER_DIRNAME = "adapter"
 CHECKPOINTS_DIRNAME = "checkpoints"
 MAX_PROGRESS_LOGS = 500  # log (and report progress) at most about this many times per run
+QUANTIZATION_OPTION = "quantization"  # method option of sft and dpo (also read by the pool sizing)
+QUANTIZATION_CHOICES = ("none", "4bit")
+QLORA_EXTRA = "tuneforge[qlora]"  # the extra that installs bitsandbytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +89,106 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
             rows.append(template_row(row))
     return rows
+
+
+def world_size() -> int:
+    """Processes training this run together (``WORLD_SIZE``, set by torchrun / accelerate launch)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+class BatchSplitError(ValueError):
+    """The product's batch does not divide over the training processes."""
+
+
+def per_device_batch(batch_size: int, world: int, gradient_accumulation: int = 1) -> int:
+    """Examples per process per forward: the product's ``batch_size`` is the examples of one
+    optimiser step over all processes, so each of ``world`` processes takes
+    ``batch_size / world / gradient_accumulation``. Raises :class:`BatchSplitError` (a message for
+    the job's owner) when that is not a whole number."""
+    if world < 1 or gradient_accumulation < 1:
+        raise ValueError(f"world size and gradient accumulation must be at least 1, got {world}, "
+                         f"{gradient_accumulation}")
+    parts = world * gradient_accumulation
+    if batch_size < parts or batch_size % parts:
+        where = f"{world} training processes" if world > 1 else "1 training process"
+        if gradient_accumulation > 1:
+            where += f" × {gradient_accumulation} accumulation steps"
+        raise BatchSplitError(f"batch_size {batch_size} does not divide over {where}: choose a multiple of {parts}")
+    return batch_size // parts
+
+
+def validate_quantization(value: Any) -> str:
+    """The ``quantization`` option's value (``"none"`` or ``"4bit"``), or ValueError naming the choices."""
+    if value is None:
+        return "none"
+    if not isinstance(value, str) or value.strip().lower() not in QUANTIZATION_CHOICES:
+        raise ValueError(f"{QUANTIZATION_OPTION} must be one of {', '.join(QUANTIZATION_CHOICES)} "
+                         f"(4bit: QLoRA, the base model in 4-bit NF4 on a CUDA GPU), got {value!r}")
+    return value.strip().lower()
+
+
+GRADIENT_CHECKPOINTING_OPTION = "gradient_checkpointing"  # method option of sft and dpo
+
+
+def validate_gradient_checkpointing(value: Any) -> bool:
+    """The ``gradient_checkpointing`` option (true/false; default false, which the trainer worker
+    turns to true for a job sized for a GPU pool: ``core.pools`` sizes activations with it on)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{GRADIENT_CHECKPOINTING_OPTION} must be true or false, got {value!r}")
+    return value
+
+
+SHARED_OPTIONS = (QUANTIZATION_OPTION, GRADIENT_CHECKPOINTING_OPTION)  # sft's and dpo's, beside dpo's own
+SHARED_OPTIONS_TEXT = (f"{QUANTIZATION_OPTION} ({' or '.join(QUANTIZATION_CHOICES)}, default none), "
+                       f"{GRADIENT_CHECKPOINTING_OPTION} (true or false)")
+
+
+def validate_shared_options(options: dict[str, Any], out: dict[str, Any]) -> None:
+    """Normalise the options every built-in method takes (those given only: defaults are not
+    added) from ``options`` into ``out``."""
+    if QUANTIZATION_OPTION in options:
+        out[QUANTIZATION_OPTION] = validate_quantization(options[QUANTIZATION_OPTION])
+    if GRADIENT_CHECKPOINTING_OPTION in options:
+        out[GRADIENT_CHECKPOINTING_OPTION] = validate_gradient_checkpointing(options[GRADIENT_CHECKPOINTING_OPTION])
+
+
+def apply_gradient_checkpointing(config, context: TrainingContext) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (non-reentrant, so the frozen base needs no input gradients) when the job's options ask for
+    it: less memory for long sequences and large models, ~30 % more compute."""
+    if validate_gradient_checkpointing((context.method_options or {}).get(GRADIENT_CHECKPOINTING_OPTION)):
+        config.activation_checkpointing = True
+        config.activation_checkpointing_kwargs = {"use_reentrant": False}
+
+
+class QuantizationUnavailable(ValueError):
+    """The worker lacks what the chosen quantization needs (a message for the job's owner)."""
+
+
+def check_quantization_runtime(quantization: str) -> None:
+    """Raise :class:`QuantizationUnavailable` when this machine cannot train with ``quantization``:
+    4bit needs a CUDA GPU and the bitsandbytes package. Imports torch (the trainer only)."""
+    if validate_quantization(quantization) == "none":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailable(
+            f"{QUANTIZATION_OPTION}=4bit (QLoRA) needs a CUDA GPU and this trainer worker has none: "
+            f"run the job on a GPU worker, or set {QUANTIZATION_OPTION} to none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable(
+            f"{QUANTIZATION_OPTION}=4bit (QLoRA) needs the bitsandbytes package, which is not installed on "
+            f"this trainer worker (pip install '{QLORA_EXTRA}'), or set {QUANTIZATION_OPTION} to none")
+
+
+def quantization_of(context: TrainingContext) -> str:
+    return validate_quantization((context.method_options or {}).get(QUANTIZATION_OPTION))
 
 
 @dataclasses.dataclass
@@ -145,14 +260,19 @@ def detect_device() -> Device:
 
 
 def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: Device,
-                             attn_implementation: str | None = None):
+                             attn_implementation: str | None = None, quantization: str = "none"):
     """The base model and its tokenizer from the local model store, with the spec's training
     chat template. The seed is set before the model (and later the adapter) is built.
-    ``attn_implementation``: e.g. ``packed.choose_attention(...)`` for padding-free training."""
+    ``attn_implementation``: e.g. ``packed.choose_attention(...)`` for padding-free training.
+    ``quantization="4bit"``: QLoRA — the base in 4-bit NF4 (double quantisation, bf16 compute) on
+    this process's GPU, prepared for k-bit training (:func:`check_quantization_runtime` first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from tuneforge.trainer.model_import import check_safe_model_dir
 
+    quantization = validate_quantization(quantization)
+    if quantization != "none":
+        check_quantization_runtime(quantization)
     # Safetensors only, never remote code: a folder with a pickle file is refused before loading
     # (UnsafeModelError: the job fails with that reason).
     check_safe_model_dir(paths.model_dir)
@@ -161,8 +281,21 @@ def load_model_and_tokenizer(context: TrainingContext, paths: RunPaths, device: 
         tokenizer.chat_template = context.base_model.training_chat_template
     set_seed(context.seed)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantization == "4bit":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # this process's GPU
     model = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=device.dtype, trust_remote_code=False,
                                                  use_safetensors=True, **extra)
+    if quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        # Activation checkpointing stays as the trainer arguments set it (off).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, tokenizer
 
 
@@ -173,8 +306,11 @@ def load_for_packed_training(context: TrainingContext, paths: RunPaths):
 
     device = detect_device()
     speed = packed.SpeedSettings(attention=packed.choose_attention(device.use_cuda), bf16=device.bf16)
-    model, tokenizer = load_model_and_tokenizer(context, paths, device, attn_implementation=speed.attention)
-    log.info("job %s: %s", context.job_id, speed.describe())
+    quantization = quantization_of(context)
+    model, tokenizer = load_model_and_tokenizer(context, paths, device, attn_implementation=speed.attention,
+                                                quantization=quantization)
+    log.info("job %s: %s%s", context.job_id, speed.describe(),
+             ", base model in 4-bit NF4 (QLoRA)" if quantization == "4bit" else "")
     return device, speed, model, tokenizer
 
 
@@ -213,12 +349,14 @@ def trainer_arguments(hp: ResolvedHyperparameters, seed: int, paths: RunPaths, d
                       total_steps: int) -> dict[str, Any]:
     """The ``TrainingArguments`` every method sets, with the product's values (never TRL's
     defaults). Evaluations, checkpoints and the learning-rate schedule are driven by the
-    callbacks and :class:`ScheduledLearningRate`, so the trainer's own strategies are off."""
+    callbacks and :class:`ScheduledLearningRate`, so the trainer's own strategies are off. With
+    several processes each takes its share of the step's ``batch_size`` (:func:`per_device_batch`)."""
+    per_device = per_device_batch(hp.batch_size, world_size())
     return dict(
         output_dir=str(paths.checkpoint_root),
         learning_rate=hp.learning_rate,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=1,
         num_train_epochs=hp.max_epochs,
         seed=seed,
@@ -346,16 +484,22 @@ def callback_classes() -> tuple[type, type]:
         def on_save(self, args, state, control, **kwargs):
             step = state.global_step
             saved = Path(args.output_dir) / f"checkpoint-{step}"
-            if not saved.is_dir():
-                return control
             target = self.checkpoint_root / f"step-{step}"
-            if target.exists():
-                shutil.rmtree(target)
-            saved.rename(target)
+            # Several processes: every rank writes its part (rng_state_<rank>.pth, FSDP shards);
+            # rank 0 renames once all have, and only rank 0 reports (uploads) the checkpoint.
+            barrier()
+            if state.is_world_process_zero and saved.is_dir():
+                if target.exists():
+                    shutil.rmtree(target)
+                saved.rename(target)
+            barrier()
+            if not target.is_dir():
+                return control
             eval_loss = self.run.last_eval_loss if self.run.last_eval_step == step else None
             report = CheckpointReport(step=step, path=target, eval_loss=eval_loss)
             self.run.checkpoints.append(report)
-            self.report_checkpoint(report)
+            if state.is_world_process_zero:
+                self.report_checkpoint(report)
             return control
 
     class ProgressCallback(TrainerCallback):
@@ -415,6 +559,93 @@ def callbacks(run: RunState, context: TrainingContext, paths: RunPaths, n_evals:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes (nothing happens with one).
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank of a multi-process run; nothing with one process."""
+    if _distributed():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP shards the model's parameters (DTensors): gathering them is a collective."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover (torch without distributed)
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def scale_loss_for_ranks(trainer) -> None:
+    """Multiply the trainer's loss (training and evaluation) by the number of ranks when the loss is
+    divided by the step's global loss-token count (what transformers' ``compute_loss`` does and a
+    subclass that replaces it must repeat): DDP averages the ranks' gradients, so without it the
+    gradients and the logged losses are the one-process values divided by the number of ranks
+    (measured: 4.0908 vs 8.1815 at step 1). A trainer class that does it itself says so with
+    ``scales_loss_across_ranks = True`` (``packed.PackedTrainer`` and the DPO trainer built on it,
+    whose per-rank mean over pairs is already right under DDP's average); then nothing changes."""
+    world = trainer.accelerator.num_processes
+    if world <= 1 or getattr(trainer, "scales_loss_across_ranks", False):
+        return
+    if not trainer.args.average_tokens_across_devices:
+        raise ValueError("distributed training needs average_tokens_across_devices=True "
+                         "(the loss divides by the whole step's loss tokens)")
+    compute_loss = trainer.compute_loss
+
+    def scaled(model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:  # divided by this rank's own count: already a mean
+            return out
+        if return_outputs:
+            loss, outputs = out
+            return loss * world, outputs
+        return out * world
+
+    trainer.compute_loss = scaled
+    trainer.scales_loss_across_ranks = True
+
+
+def adapter_state_dict(model) -> dict | None:
+    """The LoRA weights of an FSDP-sharded peft model, gathered whole onto the CPU (a collective:
+    every rank calls it, in the same order), keyed as ``model.state_dict()``; None when the model
+    is not sharded (peft reads its own weights). Only the adapter is gathered, never the base."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            continue
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        out[name] = tensor.detach().to("cpu")
+    return out
+
+
+def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
+    """The trained adapter and the tokenizer, written once (rank 0) in peft's format; with FSDP
+    the adapter's shards are gathered first by every rank."""
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    state_dict = adapter_state_dict(model)
+    if accelerator.is_main_process:
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(adapter_dir), safe_serialization=True, **extra)
+        tokenizer.save_pretrained(str(adapter_dir))
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------
 # Running a prepared trainer to the end.
 
 
@@ -446,6 +677,7 @@ def prepare_trainer(trainer_base: type, context: TrainingContext, paths: RunPath
 
     hp = context.hyperparameters
     run = RunState()
+    apply_gradient_checkpointing(config, context)
     if not isinstance(model, PeftModel):
         model = get_peft_model(model, lora_config(hp, context.base_model))
     trainer = scheduled_trainer_class(trainer_base)(
@@ -479,8 +711,10 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
     """Train (resuming from ``context.resume_from`` when given), evaluate on the test split at
     the last step if the schedule did not, save the final adapter, compare with the base model
     (unless cancelled: :func:`compare_with_base`) and report the adapter as the last checkpoint.
-    ``RunState.final_eval_metrics`` holds that last evaluation's metrics."""
+    ``RunState.final_eval_metrics`` holds that last evaluation's metrics. Several processes: every
+    rank calls it; rank 0's result is the run's (the others' lack the comparison)."""
     trainer, run, paths = prepared.trainer, prepared.run, prepared.paths
+    scale_loss_for_ranks(trainer)  # several processes, a trainer that does not scale itself
     resume = str(Path(context.resume_from).resolve()) if context.resume_from else None
     output = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
@@ -495,11 +729,17 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
             run.final_eval_metrics = finite_metrics(evaluated)
             eval_loss = float(evaluated["eval_loss"])
 
-    trainer.model.save_pretrained(str(paths.adapter_dir), safe_serialization=True)
-    prepared.tokenizer.save_pretrained(str(paths.adapter_dir))
+    save_adapter(trainer, prepared.tokenizer, paths.adapter_dir)
+    # The packed trainers count real tokens (packed.packed_trainer_class): all ranks' (a collective).
+    trained_tokens = None
+    if hasattr(trainer, "real_tokens_seen"):
+        from tuneforge_builtin import packed
+
+        trained_tokens = packed.all_ranks_sum(trainer.real_tokens_seen)
     comparison = None if run.cancelled else compare_with_base(prepared, context)
     final = CheckpointReport(step=state.global_step, path=paths.adapter_dir, eval_loss=eval_loss)
-    context.report_checkpoint(final)
+    if trainer.is_world_process_zero():
+        context.report_checkpoint(final)
 
     metrics = {
         "total_steps": float(state.max_steps),
@@ -528,8 +768,7 @@ def run_to_completion(prepared: PreparedRun, context: TrainingContext) -> Traini
         tool_call_accuracy=comparison.tool_call_accuracy if comparison else None,
         base_tool_call_accuracy=comparison.base_tool_call_accuracy if comparison else None,
         samples=list(comparison.samples) if comparison else [],
-        # The packed trainers count real tokens (packed.packed_trainer_class); others: not counted.
-        trained_tokens=(int(trainer.real_tokens_seen) if hasattr(trainer, "real_tokens_seen") else None),
+        trained_tokens=trained_tokens,  # None: the trainer does not count them
     )
 
 
@@ -537,12 +776,14 @@ def compare_with_base(prepared: PreparedRun, context: TrainingContext):
     """The trained model against its base on the test split (an ``evaluation.Evaluation``, or None
     when there is nothing to compare); the samples also go to ``samples.jsonl`` in the adapter
     directory. Best effort: the adapter is saved already, so a failure here is logged and the job
-    still succeeds, without the comparison."""
+    still succeeds, without the comparison. Several processes: :func:`_compare_distributed`."""
     from tuneforge_builtin import evaluation
 
     cases = prepared.evaluation_set
     if cases is None or prepared.n_evals == 0:
         return None
+    if prepared.trainer.accelerator.num_processes > 1:
+        return _compare_distributed(prepared, context)
     try:
         result = evaluation.evaluate_against_base(
             prepared.trainer, prepared.tokenizer, cases,
@@ -551,6 +792,50 @@ def compare_with_base(prepared: PreparedRun, context: TrainingContext):
     except Exception:
         log.exception("job %s: comparison with the base model failed; the adapter is kept", context.job_id)
         return None
+    if result.samples:
+        evaluation.write_samples(result.samples, prepared.paths.adapter_dir)
+    return result
+
+
+def _compare_distributed(prepared: PreparedRun, context: TrainingContext):
+    """:func:`compare_with_base` with several processes: the base model's eval loss on every rank
+    (the evaluation is a collective: each rank its share of the test split), the greedy
+    generations on rank 0 alone with the unwrapped model (DDP: every rank holds it whole). With
+    FSDP the model is sharded and a generation on one rank would wait for the others: no samples
+    (the base eval loss still). Returns rank 0's comparison; None on the other ranks."""
+    from tuneforge_builtin import evaluation
+
+    trainer = prepared.trainer
+    accelerator = trainer.accelerator
+    model = trainer.model
+    base_eval_loss = None
+    if prepared.evaluate_base_loss and trainer.eval_dataset is not None and hasattr(model, "disable_adapter"):
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                # A prefix other than "eval": the progress callback must not report it as the run's.
+                value = trainer.evaluate(metric_key_prefix="base_eval").get("base_eval_loss")
+            if value is not None and math.isfinite(value):
+                base_eval_loss = float(value)
+        finally:
+            model.train(was_training)
+    if not accelerator.is_main_process:
+        return None
+    if is_sharded(model):
+        log.info("job %s: the model is sharded over %d processes: no greedy samples (base eval loss only)",
+                 context.job_id, accelerator.num_processes)
+        result = evaluation.Evaluation()
+    else:
+        try:
+            result = evaluation.evaluate_against_base(
+                trainer, prepared.tokenizer, prepared.evaluation_set,
+                max_length=max_sequence_length(model, context.base_model), base_eval_loss=False,
+                job_id=context.job_id)
+        except Exception:
+            log.exception("job %s: comparison with the base model failed; the adapter is kept", context.job_id)
+            return None
+    result.base_eval_loss = base_eval_loss
     if result.samples:
         evaluation.write_samples(result.samples, prepared.paths.adapter_dir)
     return result

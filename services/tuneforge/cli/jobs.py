@@ -176,10 +176,25 @@ def print_plan(name: str, base_model: str, method: str, reply) -> None:
             print("  learning rate")
             for line in lr_plot(t.learning_rate_schedule):
                 print("    " + line)
+    if reply.HasField("pool_plan"):
+        print_pool_plan(reply.pool_plan)
     print("hyperparameters")
     print("  " + ", ".join(f"{k}={v}" for k, v in _hyperparameter_items(hp)))
     for w in [*reply.warnings, *d.warnings]:
         print(f"warning: {w}")
+
+
+def print_pool_plan(p) -> None:
+    """Where the job would train: its trainer pool, the memory estimate, and whether a worker of
+    the pool is registered."""
+    print("trainer pool")
+    processes = f", {p.processes} processes" if p.processes > 1 else ""
+    print(f"  {'pool':28s}{p.pool}: {p.description}{processes}")
+    print(f"  {'memory needed':28s}~{p.required_memory_gib:,.1f} GiB — {p.basis}")
+    if p.workers_registered:
+        print(f"  {'workers registered':28s}{p.workers_registered}")
+    else:
+        print(f"warning: no worker of this pool ({p.pool}) is registered: the job will wait in QUEUED")
 
 
 def _hyperparameter_items(hp):
@@ -240,6 +255,10 @@ def job_summary(job) -> list[str]:
            f"  {'created':14s}{timestamp_text(job.create_time)} UTC, last change {timestamp_text(job.update_time)} UTC"]
     if s.topics:
         out.append(f"  {'topics':14s}{', '.join(s.topics)}")
+    if job.pool:
+        out.append(f"  {'trainer pool':14s}{job.pool}")
+    if job.state_reason:
+        out.append(f"  {'state reason':14s}{job.state_reason}")
     if d.dataset_id:
         out.append(f"  {'dataset':14s}{d.dataset_id}: {d.train_count:,} train / {d.test_count:,} test "
                    f"(of {d.filtered_count:,} matched, {d.deduplicated_count:,} after dedupe, {d.overlength_count:,} over length)")

@@ -105,7 +105,7 @@ def derived_event_id(cause_event_id: str, subject: str) -> str:
 
 
 def decode(msg: Msg) -> Message:
-    message_type = subjects.MESSAGE_TYPES.get(msg.subject)
+    message_type = subjects.message_type(msg.subject)  # a pool's work subject included
     if message_type is None:
         raise PermanentError(f"no message type for subject {msg.subject}")
     try:
@@ -117,8 +117,10 @@ def decode(msg: Msg) -> Message:
 class Bus:
     """A service's connection to NATS with JetStream."""
 
-    def __init__(self, nc: nats.NATS, producer: str, redelivery: RedeliveryPolicy | None = None):
+    def __init__(self, nc: nats.NATS, producer: str, redelivery: RedeliveryPolicy | None = None,
+                 stream_replicas: int = 1):
         self.nc = nc
+        self.stream_replicas = stream_replicas
         self.js = nc.jetstream()
         self.producer = producer
         self.redelivery = redelivery or RedeliveryPolicy()
@@ -126,8 +128,11 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, producer: str, *, connect_timeout: float = 5.0, redelivery: RedeliveryPolicy | None = None
+        cls, url: str, producer: str, *, connect_timeout: float = 5.0, redelivery: RedeliveryPolicy | None = None,
+        stream_replicas: int = 1,
     ) -> "Bus":
+        """Connect and make sure tuneforge's streams exist with ``stream_replicas`` replicas
+        (``TUNEFORGE_NATS_STREAM_REPLICAS``: 3 on a 3-node cluster)."""
         nc = await nats.connect(
             # A NATS cluster: TUNEFORGE_NATS_URL may list its nodes, comma-separated (nats-py takes
             # a list; one string would seed one node only).
@@ -140,7 +145,7 @@ class Bus:
             disconnected_cb=_disconnected,
             reconnected_cb=_reconnected,
         )
-        bus = cls(nc, producer, redelivery)
+        bus = cls(nc, producer, redelivery, stream_replicas)
         await bus.ensure_streams()
         return bus
 
@@ -153,6 +158,7 @@ class Bus:
                 storage=api.StorageType.FILE,
                 max_age=90 * 24 * 3600,
                 duplicate_window=300,
+                num_replicas=self.stream_replicas,
             )
         )
         await self._ensure_stream(
@@ -162,6 +168,7 @@ class Bus:
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 storage=api.StorageType.FILE,
                 duplicate_window=300,
+                num_replicas=self.stream_replicas,
             )
         )
         await self._ensure_stream(
@@ -172,6 +179,7 @@ class Bus:
                 storage=api.StorageType.FILE,
                 max_age=30 * 24 * 3600,
                 duplicate_window=300,
+                num_replicas=self.stream_replicas,
             )
         )
 
@@ -182,10 +190,22 @@ class Bus:
             try:
                 await self.js.add_stream(config)
                 return
-            except nats.js.errors.BadRequestError:
-                info = await self.js.stream_info(config.name)  # created by a concurrent service
-        if sorted(info.config.subjects or []) != sorted(config.subjects or []):
-            await self.js.update_stream(config)
+            except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+                try:
+                    info = await self.js.stream_info(config.name)  # created by a concurrent service
+                except nats.js.errors.NotFoundError:
+                    raise RuntimeError(
+                        f"JetStream stream {config.name} cannot be created with {config.num_replicas} replica(s): "
+                        f"{exc} (TUNEFORGE_NATS_STREAM_REPLICAS must not exceed the NATS cluster's nodes)") from exc
+        if (sorted(info.config.subjects or []) != sorted(config.subjects or [])
+                or (info.config.num_replicas or 1) != (config.num_replicas or 1)):
+            try:
+                await self.js.update_stream(config)
+            except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:  # e.g. 3 replicas asked of a single server
+                raise RuntimeError(
+                    f"JetStream stream {config.name} cannot be given {config.num_replicas} replica(s) / subjects "
+                    f"{config.subjects}: {exc} (TUNEFORGE_NATS_STREAM_REPLICAS must not exceed the NATS cluster's "
+                    "nodes)") from exc
 
     def meta(self, workspace_id: str, job_id: str = "", *, event_id: str = "") -> ev.EventMeta:
         """A new event's envelope; ``event_id`` (see ``derived_event_id``) for an event that must
@@ -201,7 +221,9 @@ class Bus:
         )
 
     async def publish(self, subject: str, message: Message, *, timeout: float = 10.0) -> api.PubAck:
-        expected = subjects.MESSAGE_TYPES[subject]
+        expected = subjects.message_type(subject)
+        if expected is None:
+            raise KeyError(f"no message type for subject {subject}")
         if not isinstance(message, expected):
             raise TypeError(f"{subject} carries {expected.__name__}, not {type(message).__name__}")
         meta = message.meta  # type: ignore[attr-defined]

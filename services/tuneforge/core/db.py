@@ -41,25 +41,6 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-def _add_new_columns(conn, table: Table) -> None:
-    """Columns a newer version added to an existing table, added with ALTER TABLE (nullable, or
-    with their server default): a database of the previous version keeps working. Until the
-    stores get real migrations, a new column must be nullable or have a ``server_default``."""
-    from sqlalchemy import inspect
-    from sqlalchemy.schema import CreateColumn
-
-    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in have:
-            continue
-        if not column.nullable and column.server_default is None:
-            raise RuntimeError(f"{table.name}.{column.name} is new, NOT NULL and has no server_default: "
-                               "an existing database cannot take it")
-        ddl = CreateColumn(column).compile(dialect=conn.dialect)
-        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
-        log.info("added column %s.%s to an existing database", table.name, column.name)
-
-
 class Database:
     """An async engine and session factory for one service's own database."""
 
@@ -84,15 +65,21 @@ class Database:
         self.sqlite_path: str | None = database if database and database != ":memory:" else None
         self._reader: sqlite3.Connection | None = None
 
+    async def migrate(self, service: str, target: str = "head"):
+        """Bring this database to ``target`` of ``service``'s migration history (Alembic, one
+        history per service, under a lock so that replicas starting together migrate once; a
+        database made before migrations is adopted first): see tuneforge.core.migrations.
+        Returns a ``migrations.Migration`` saying what was applied."""
+        from tuneforge.core import migrations
+
+        return await migrations.migrate(self, service, target)
+
     async def create_all(self, *bases: type[DeclarativeBase]) -> None:
+        """Create the tables of ``bases`` that do not exist (SQLAlchemy's ``create_all``): for tests
+        and scratch databases. A service's database is made and upgraded by :meth:`migrate`."""
         async with self.engine.begin() as conn:
             for base in bases:
                 await conn.run_sync(base.metadata.create_all)
-                # create_all skips the columns and indexes of tables that exist already: add new ones.
-                for table in base.metadata.sorted_tables:
-                    await conn.run_sync(lambda sync, table=table: _add_new_columns(sync, table))
-                    for index in table.indexes:
-                        await conn.run_sync(lambda sync, index=index: index.create(sync, checkfirst=True))
 
     def fast_read(self, reader: "TableReader", where: str, params: Sequence = ()) -> list | None:
         """Rows of ``reader``'s table matching the SQL ``where`` clause (``?`` parameters), read on

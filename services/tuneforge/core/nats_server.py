@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 BINARY_NAME = "nats-server.exe" if os.name == "nt" else "nats-server"
@@ -71,12 +72,14 @@ class NatsServerProcess:
         port: int | None = None,
         monitor_port: int | None = None,
         log_file: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.monitor_port = monitor_port if monitor_port is not None else free_port(host)
         self.log_file = Path(log_file) if log_file is not None else None
+        self.extra_args = list(extra_args)  # e.g. a cluster's --server_name/--cluster/--routes
         self._process: subprocess.Popen[bytes] | None = None
         self._output: tempfile._TemporaryFileWrapper[bytes] | None = None
 
@@ -115,7 +118,7 @@ class NatsServerProcess:
         ]
         if self.log_file is not None:
             cmd += ["-l", str(self.log_file)]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self, timeout: float = 10.0) -> NatsServerProcess:
         """Launch the server and wait until JetStream reports healthy."""

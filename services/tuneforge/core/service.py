@@ -16,10 +16,10 @@ from sqlalchemy.orm import DeclarativeBase
 from tuneforge.core import subjects, telemetry
 from tuneforge.core.bus import Bus, RedeliveryPolicy
 from tuneforge.core.db import Database
-from tuneforge.core.outbox import Outbox, OutboxBase, upgrade_outbox_schema
+from tuneforge.core.outbox import Outbox
 from tuneforge.core.grpc_server import AuthInterceptor, create_server, stop_server
 from tuneforge.core.settings import Settings, service_key
-from tuneforge.core.workspaces import DirectoryBase, WorkspaceDirectory
+from tuneforge.core.workspaces import WorkspaceDirectory
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class BaseService(abc.ABC):
             # background tasks inherit it (which tracer, which service in the logs).
             return await asyncio.create_task(self.start(port), context=telemetry.service_context(self.name))
         telemetry.setup_tracing(self.name, self.settings.otel_exporter)
-        await self.db.create_all(DirectoryBase, OutboxBase, *self.tables)
-        await upgrade_outbox_schema(self.db)
+        # The schema: this service's migrations (the shared tables and its own), under a lock.
+        await self.db.migrate(self.name)
         self.bus = await Bus.connect(
-            self.settings.nats_url, self.name, redelivery=RedeliveryPolicy.from_settings(self.settings)
+            self.settings.nats_url, self.name, redelivery=RedeliveryPolicy.from_settings(self.settings),
+            stream_replicas=self.settings.nats_stream_replicas,
         )
         self.outbox = Outbox(self.db, self.bus)
         self.spawn(self.outbox.relay(), f"{self.name}-outbox")
@@ -122,6 +123,7 @@ def configure_logging(level: str, log_format: str = "text", service: str = "") -
         handlers=[telemetry.log_handler(log_format, service)],
     )
     logging.getLogger("nats").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # tuneforge logs what a migration applied
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -6,7 +6,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("dataset-builder", "job-scheduler", "trainer", "model-registry", "notifier")
@@ -30,6 +30,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".tuneforge"), description="State directory: databases, artifacts, outbox, logs.")
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream.")
+    nats_stream_replicas: int = Field(
+        1, ge=1, le=5,
+        description="Replicas of tuneforge's JetStream streams: 1 on one server, 3 on a 3-node NATS cluster "
+                    "(a stream survives the loss of a node). Existing streams are updated to it at start.")
     host: str = Field("127.0.0.1", description="Address the gRPC servers bind to.")
 
     dataset_builder_port: int = DEFAULT_PORTS["dataset-builder"]
@@ -64,6 +68,13 @@ class Settings(BaseSettings):
     outbox_dir: Path | None = Field(None, description="Where .eml files go without SMTP; default data_dir/outbox.")
 
     worker_id: str | None = Field(None, description="Trainer worker id; default host-pid.")
+    trainer_pools: str | None = Field(
+        None, description="Trainer pools this worker takes work from, comma-separated (small, gpu-24g, gpu-80g, "
+        "gpu-4x80g, gpu-8x80g; core/pools.py); default: every pool its hardware holds (a CPU worker: small).")
+    trainer_processes: int | Literal["auto"] = Field(
+        "auto", description="Processes one training job runs as on this worker: auto (1 on a CPU; on GPUs the GPUs "
+        "the job's pool needs, FSDP when that is more than one) or a number >= 1 (more than the model needs: "
+        "data-parallel; on a CPU: DDP over gloo).")
     training_heartbeat_seconds: float = 5.0
     training_ack_wait_seconds: float = 60.0
     # The one bounded-redelivery rule of every event consumer (core.bus.RedeliveryPolicy): a
@@ -80,6 +91,22 @@ class Settings(BaseSettings):
         "text", description="text: classic lines; json: one JSON object per line (service, job and workspace ids, trace).")
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         "none", description="Where OpenTelemetry spans go: nowhere, stdout, or OTLP/gRPC at OTEL_EXPORTER_OTLP_ENDPOINT.")
+
+    @field_validator("trainer_processes")
+    @classmethod
+    def _processes_at_least_one(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) < 1:
+            raise ValueError(f"TUNEFORGE_TRAINER_PROCESSES={value!r}: expected auto or a number >= 1")
+        return value
+
+    @field_validator("trainer_pools")
+    @classmethod
+    def _known_pools(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from tuneforge.core.pools import parse_pool_list
+
+        return ",".join(parse_pool_list(value))  # ValueError: names the unknown pools and the known ones
 
     def port(self, service: str) -> int:
         return getattr(self, f"{service_key(service)}_port")

@@ -21,6 +21,7 @@ key can hold '..', an absolute or drive path, a backslash, a percent escape, NUL
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -166,6 +167,28 @@ class ArtifactStore:
                 raise FileNotFoundError(path)
             while block := fh.read(chunk_size):
                 yield block
+
+    def copy(self, key: str, dest: str) -> None:
+        """Copy one object to another key inside the store without passing it through this
+        process: a server-side CopyObject on S3, a file copy (temp file renamed over) on disk."""
+        source, target = self._path(key), self._path(dest)
+        if self.is_local:
+            if not os.path.isfile(source):
+                raise FileNotFoundError(source)
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        else:
+            self.fs.copy(source, target)
+
+    def digest(self, key: str) -> tuple[int, str]:
+        """``(size in bytes, sha256 hex)`` of an object, read block by block (never whole in memory)."""
+        sha, size = hashlib.sha256(), 0
+        for block in self.iter_chunks(key, 8 << 20):
+            sha.update(block)
+            size += len(block)
+        return size, sha.hexdigest()
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every key under ``prefix/`` (no error when there is none)."""

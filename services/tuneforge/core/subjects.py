@@ -19,7 +19,10 @@ DATASET_BUILD_REQUESTED = "tuneforge.dataset.build.requested"
 DATASET_BUILD_SUCCEEDED = "tuneforge.dataset.build.succeeded"
 DATASET_BUILD_FAILED = "tuneforge.dataset.build.failed"
 
-TRAINING_RUN_REQUESTED = "tuneforge.training.run.requested"  # work queue
+# Work queue. An item goes to its trainer pool's subject, ``<this>.<pool>`` (work_subject,
+# core/pools.py); the bare subject is what the release before pools published to: it stays in the
+# work stream so such items are still trained (trainer/worker.py drains them).
+TRAINING_RUN_REQUESTED = "tuneforge.training.run.requested"
 TRAINING_RUN_STARTED = "tuneforge.training.run.started"
 TRAINING_RUN_PROGRESS = "tuneforge.training.run.progress"
 TRAINING_RUN_CHECKPOINT = "tuneforge.training.run.checkpoint"
@@ -65,5 +68,28 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     JOB_CANCELLED: ev.JobCancelled,
 }
 
-WORK_SUBJECTS = (TRAINING_RUN_REQUESTED,)
+WORK_SUBJECTS = (TRAINING_RUN_REQUESTED, f"{TRAINING_RUN_REQUESTED}.>")
 EVENT_SUBJECTS = tuple(s for s in MESSAGE_TYPES if s not in WORK_SUBJECTS)
+_POOL_PREFIX = f"{TRAINING_RUN_REQUESTED}."
+
+
+def work_subject(pool: str) -> str:
+    """The work subject of trainer pool ``pool`` (one NATS token: letters, digits, '-', '_')."""
+    if not pool or not all(c.isalnum() or c in "-_" for c in pool):
+        raise ValueError(f"not a pool name: {pool!r}")
+    return _POOL_PREFIX + pool
+
+
+def pool_of(subject: str) -> str:
+    """The pool a work subject routes to; "" for the bare (pre-pool) subject or any other."""
+    rest = subject[len(_POOL_PREFIX):] if subject.startswith(_POOL_PREFIX) else ""
+    return rest if rest and "." not in rest else ""
+
+
+def message_type(subject: str) -> type[Message] | None:
+    """The message type a subject carries (a pool's work subject: ``TrainingRunRequested``);
+    None for a subject tuneforge does not use."""
+    found = MESSAGE_TYPES.get(subject)
+    if found is None and pool_of(subject):
+        return ev.TrainingRunRequested
+    return found

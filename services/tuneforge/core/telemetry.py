@@ -223,7 +223,7 @@ def consumer_span(msg: Any, meta: Any = None) -> Iterator[None]:
 def _meta_of(msg: Any) -> Any:
     from tuneforge.core import subjects
 
-    message_type = subjects.MESSAGE_TYPES.get(msg.subject)
+    message_type = subjects.message_type(msg.subject)
     try:
         return message_type.FromString(msg.data).meta if message_type is not None else None
     except Exception:  # undecodable: the consumer deals with it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tuneforge.core.db import UTCDateTime, utcnow
@@ -38,6 +38,10 @@ class JobRow(Base):
     adapter_path: Mapped[str] = mapped_column(String(512), default="")
     # The run's report folder (loss.png, report.json), once training has run.
     report_path: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    # The trainer pool its training is routed to (set when queued; migration 0002 sizes old rows).
+    pool: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # Why the job is in its state, where there is more to say (QUEUED: no worker of its pool).
+    state_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     model_name: Mapped[str] = mapped_column(String(64), default="")
     model_id: Mapped[str] = mapped_column(String(64), default="")
     notify_email: Mapped[str] = mapped_column(String(320))
@@ -117,6 +121,9 @@ class TrainerWorkerRow(Base):
     device_class: Mapped[str] = mapped_column(String(200))
     device_count: Mapped[int] = mapped_column(Integer, default=1)
     period_seconds: Mapped[int] = mapped_column(Integer, default=60)
+    # The trainer pools it serves, comma-separated, and the memory of each of its devices.
+    pools: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    device_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

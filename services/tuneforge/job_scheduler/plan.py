@@ -1,6 +1,7 @@
 """The dry run of ValidateJob: what the dataset build would leave (asked of the dataset-builder
 with ``BuildDataset(dry_run=true)``), what training would do with it, and how long that would take
-on the trainer hardware the cluster has announced.
+on the trainer hardware the cluster has announced, and which trainer pool it needs (``pool_plan``,
+sized by core/pools.py) with how many live workers serve that pool.
 
 The training figures use the trainer's own arithmetic (``core.hyperparameters``: ``spread``,
 ``planned_total_steps``, ``learning_rate_multiplier``), so the plan says what a run does, not what
@@ -22,6 +23,7 @@ from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.dataset_builder.v1 import dataset_builder_service_pb2 as dsb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
 from tuneforge.core import hyperparameters as hp
+from tuneforge.core import pools
 from tuneforge.job_scheduler.capability_check import DatasetBuilderLine
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,22 @@ class Worker:
     device_class: str
     last_seen_at: dt.datetime
     period_seconds: int
+    pools: tuple[str, ...] = ()  # the trainer pools it takes work from (core/pools.py)
 
     def alive(self, now: dt.datetime) -> bool:
         return now - self.last_seen_at <= dt.timedelta(seconds=LIVE_PERIODS * max(1, self.period_seconds))
+
+
+def workers_serving(workers: Iterable[Worker], pool: str, now: dt.datetime) -> int:
+    """Live workers (seen within ``LIVE_PERIODS`` periods) that take work of ``pool``."""
+    return sum(1 for w in workers if pool in w.pools and w.alive(now))
+
+
+def pool_plan(sizing: pools.Sizing, workers: Iterable[Worker], now: dt.datetime) -> pb.PoolPlan:
+    """ValidateJob's answer to "where would it train": the pool, the estimate, live workers of it."""
+    return pb.PoolPlan(pool=sizing.pool.name, description=sizing.pool.description,
+                       required_memory_gib=round(sizing.need_gib, 2), processes=sizing.pool.processes,
+                       basis=sizing.basis, workers_registered=workers_serving(workers, sizing.pool.name, now))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as pb
 from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2_grpc as pb_grpc
 from tuneforge.core import capabilities
 from tuneforge.core import hyperparameters as hp
-from tuneforge.core import subjects, telemetry
+from tuneforge.core import pools, subjects, telemetry
 from tuneforge.core.datasets import describe_counts
 from tuneforge.core.db import TableReader, utcnow
 from tuneforge.core.errors import ServiceError, bad_request, not_found
@@ -138,6 +138,7 @@ class JobScheduler(BaseService):
             return False
         old = job.state
         job.state = new_state
+        job.state_reason = ""  # it explained the state left
         await self._add_event(
             session, job, "state_changed", message or f"{sm.name(old)} -> {sm.name(new_state)}"
         )
@@ -194,6 +195,22 @@ class JobScheduler(BaseService):
             msg.metrics.CopyFrom(common_pb2.TrainingMetrics.FromString(job.metrics))
         self.outbox.add(session, subjects.JOB_SUCCEEDED, msg)
 
+    # -- trainer pools (core/pools.py) ----------------------------------------------------
+    def size_job(self, spec: pb.JobSpec, resolved, dataset=None) -> pools.Sizing | None:
+        """The pool the job's training needs (``resolved``: its hyperparameters, dataclass or
+        proto; ``dataset``: its DatasetSummary when known); None for a base model no plugin has."""
+        base = get_registry().base_models.get(spec.base_model)
+        if base is None:
+            return None
+        return pools.pool_for(
+            base, model_store=self.settings.resolved_model_store(), method=spec.method,
+            method_options_json=spec.method_options_json or "{}", batch_size=resolved.batch_size,
+            lora_rank=resolved.lora_rank, lora_modules=tuple(resolved.lora_target_modules), dataset=dataset)
+
+    async def _workers(self, session: AsyncSession) -> list[plan.Worker]:
+        rows = (await session.execute(select(TrainerWorkerRow))).scalars().all()
+        return [_worker(w) for w in rows]
+
     # -- event handlers (idempotent: the state machine rejects repeats) --------------------
     async def on_dataset_built(self, event: ev.DatasetBuildSucceeded) -> None:
         async with self.db.session() as session, session.begin():
@@ -221,10 +238,20 @@ class JobScheduler(BaseService):
                 await self._transition(session, job, S.JOB_STATE_FAILED, reason)
             else:
                 spec = self._spec(job)
-                await self._transition(session, job, S.JOB_STATE_QUEUED, "waiting for a trainer")
+                sizing = self.size_job(spec, resolved, d)
+                pool = sizing.pool.name if sizing else pools.SMALL.name  # no plugin: the worker says so
+                job.pool = pool
+                await self._transition(
+                    session, job, S.JOB_STATE_QUEUED,
+                    f"waiting for a trainer of pool {pool}" + (f" (~{sizing.need_gib:,.1f} GiB)" if sizing else ""))
+                if sizing:
+                    log.info("job %s goes to pool %s: %s", job.id, pool, sizing.basis)
+                if not plan.workers_serving(await self._workers(session), pool, utcnow()):
+                    job.state_reason = pools.waiting_reason(pool)
+                    await self._add_event(session, job, "message", job.state_reason)
                 self.outbox.add(
                     session,
-                    subjects.TRAINING_RUN_REQUESTED,
+                    pools.work_subject(pool),
                     ev.TrainingRunRequested(
                         meta=self.bus.meta(job.workspace_id, job.id),
                         base_model=spec.base_model,
@@ -233,6 +260,7 @@ class JobScheduler(BaseService):
                         hyperparameters=resolved,
                         dataset=d,
                         job_name=job.name,
+                        pool=pool,
                     ),
                 )
         self._changed_now(event.meta.job_id)
@@ -401,17 +429,40 @@ class JobScheduler(BaseService):
         now = utcnow()
         seen = event.meta.occurred_at.ToDatetime(dt.timezone.utc) if event.meta.HasField("occurred_at") else now
         seen = min(seen, now)  # a worker clock ahead of ours
+        served = ",".join(p for p in event.pools if p in pools.POOLS_BY_NAME)[:512]
         async with self.db.session() as session, session.begin():
             row = await session.get(TrainerWorkerRow, event.worker_id[:128])
             if row is None:
                 session.add(TrainerWorkerRow(
                     worker_id=event.worker_id[:128], device_class=event.device_class[:200] or "cpu",
-                    device_count=event.device_count, period_seconds=event.period_seconds or 60, last_seen_at=seen))
+                    device_count=event.device_count, period_seconds=event.period_seconds or 60, last_seen_at=seen,
+                    pools=served, device_memory_bytes=event.device_memory_bytes))
             elif seen >= row.last_seen_at:
                 row.device_class = event.device_class[:200] or "cpu"
                 row.device_count = event.device_count
                 row.period_seconds = event.period_seconds or 60
                 row.last_seen_at = seen
+                row.pools = served
+                row.device_memory_bytes = event.device_memory_bytes
+        if served and now - seen <= dt.timedelta(seconds=plan.LIVE_PERIODS * max(1, event.period_seconds or 60)):
+            await self._pool_now_served(served.split(","), event.worker_id)
+
+    async def _pool_now_served(self, served: list[str], worker_id: str) -> None:
+        """A worker of these pools is alive: the QUEUED jobs that waited for one no longer do."""
+        async with self.db.session() as session:
+            waiting = (await session.execute(select(JobRow.id).where(
+                JobRow.state == S.JOB_STATE_QUEUED, JobRow.pool.in_(served), JobRow.state_reason != ""))).scalars().all()
+        for job_id in waiting:
+            async def clear(job_id=job_id):
+                async with self.db.session() as session, session.begin():
+                    job = await session.get(JobRow, job_id)
+                    if job is None or job.state != S.JOB_STATE_QUEUED or not job.state_reason:
+                        return
+                    job.state_reason = ""
+                    await self._add_event(session, job, "message",
+                                          f"a trainer of pool {job.pool} is registered ({worker_id[:128]})")
+            await retry_stale(clear)
+            self._changed_now(job_id)
 
     async def trainer_hardware(self, base_model: str) -> tuple[list[plan.Worker], list[plan.Measurement]]:
         """The workers seen and the recent measured runs of ``base_model`` (``plan.MEASURED_RUNS``
@@ -430,8 +481,7 @@ class JobScheduler(BaseService):
             per_class[device_class] += 1
             if per_class[device_class] <= plan.MEASURED_RUNS:
                 measurements.append(plan.Measurement(base_model, device_class, rate))
-        return ([plan.Worker(w.worker_id, w.device_class, w.last_seen_at, w.period_seconds) for w in workers],
-                measurements)
+        return [_worker(w) for w in workers], measurements
 
     async def on_model_registered(self, event: ev.ModelRegistrationSucceeded) -> None:
         async with self.db.session() as session, session.begin():
@@ -552,6 +602,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
         summary, why_not = await plan.dry_run_dataset(
             self.app.dataset_builder, spec, resolved, capability_check.caller_authorization(context),
             deadline=None if remaining is None else remaining - 0.5)
+        if workspace.can_train:  # where it would train: sized from the dry run's token counts when there are any
+            await self._plan_pool(response, spec, resolved, summary)
         if summary is None:
             warnings.append(why_not)
             response.warnings.extend(warnings)
@@ -577,6 +629,16 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
                 response.training_plan.CopyFrom(training)
         response.warnings.extend(warnings)
         return response
+
+    async def _plan_pool(self, response, spec, resolved, summary) -> None:
+        sizing = await asyncio.to_thread(self.app.size_job, spec, resolved, summary)
+        if sizing is None:
+            return
+        async with self.app.db.session() as session:
+            workers = await self.app._workers(session)
+        # No warning when no worker serves it (pool_plan.workers_registered says so; the CLI
+        # words it): a worker's first announcement may simply not have arrived yet.
+        response.pool_plan.CopyFrom(plan.pool_plan(sizing, workers, utcnow()))
 
     # -- jobs --------------------------------------------------------------------------------
     def _to_proto(self, job: JobRow) -> pb.Job:
@@ -605,6 +667,8 @@ class JobSchedulerServicer(pb_grpc.JobSchedulerServiceServicer):
             update_time=timestamp(job.updated_at),
             attempt=job.attempt,
             report_path=job.report_path or "",
+            pool=job.pool or "",
+            state_reason=job.state_reason or "",
         )
         if job.dataset:
             out.dataset.ParseFromString(job.dataset)
@@ -920,6 +984,11 @@ def _shed_if_expired(context) -> None:
     remaining = context.time_remaining() if context is not None else None
     if remaining is not None and remaining <= 0:
         raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it started")
+
+
+def _worker(row: TrainerWorkerRow) -> plan.Worker:
+    return plan.Worker(row.worker_id, row.device_class, row.last_seen_at, row.period_seconds,
+                       tuple(p for p in (row.pools or "").split(",") if p))
 
 
 async def retry_stale(operation, attempts: int = 5):

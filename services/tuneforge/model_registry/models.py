@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 
-from sqlalchemy import (
-    ForeignKey,
-    Index,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
-    event,
-    text,
-)
+from sqlalchemy import ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tuneforge.core.db import UTCDateTime, utcnow
-
-log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -54,40 +42,11 @@ class AssignmentRow(Base):
     one agent: the second insert fails and is retried as a repeat)."""
 
     __tablename__ = "agent_assignments"
-    # A unique *index*, not a UniqueConstraint: Database.create_all adds indexes that are missing
-    # to tables that exist already, so a database of the previous version gains it at start.
+    # A unique *index*: migration 0001 builds it, and adopting a database made before migrations
+    # (where an agent could use several models) dedupes first (model_registry/migrations).
     __table_args__ = (Index("uq_assignment_agent", "workspace_id", "agent_id", unique=True),)
 
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     workspace_id: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-ONE_MODEL_PER_AGENT = next(i for i in AssignmentRow.__table__.indexes if i.name == "uq_assignment_agent")
-
-
-@event.listens_for(ONE_MODEL_PER_AGENT, "before_create")
-def _keep_one_model_per_agent(_index, connection, **_kw) -> None:
-    """Before the unique index is built on a table of the previous version (where an agent could
-    use several models), keep each agent's newest assignment only, else CREATE UNIQUE INDEX fails
-    and the service cannot start. On a new table there is nothing to remove. Runs in
-    Database.create_all's transaction, with the CREATE INDEX: a crash leaves both or neither."""
-    newer = (
-        "EXISTS (SELECT 1 FROM agent_assignments AS newer"
-        " WHERE newer.workspace_id = agent_assignments.workspace_id"
-        " AND newer.agent_id = agent_assignments.agent_id"
-        " AND (newer.created_at > agent_assignments.created_at"
-        " OR (newer.created_at = agent_assignments.created_at AND newer.model_id > agent_assignments.model_id)))"
-    )
-    dropped = connection.execute(
-        text(f"SELECT workspace_id, agent_id, model_id FROM agent_assignments WHERE {newer}")
-    ).all()
-    if not dropped:
-        return
-    connection.execute(text(f"DELETE FROM agent_assignments WHERE {newer}"))
-    log.warning(
-        "one model per agent from now on: removed %d older assignment(s) of agents that used several "
-        "models, keeping each agent's newest: %s", len(dropped),
-        ", ".join(f"{ws}/{agent} no longer uses {model}" for ws, agent, model in dropped[:50]),
-    )

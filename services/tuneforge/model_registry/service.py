@@ -152,11 +152,11 @@ class ModelRegistry(BaseService):
         if missing:
             raise FileNotFoundError(f"{', '.join(missing)} missing under {source_prefix}")
         files = []
-        for key in keys:
+        for key in keys:  # copied inside the store (server-side on S3); hashed from the copy, streamed
             rel = key[len(source_prefix) + 1:]
-            data = self.store.get_bytes(key)
-            self.store.put_bytes(f"{prefix}/{rel}", data)
-            files.append({"path": rel, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            self.store.copy(key, f"{prefix}/{rel}")
+            size, sha256 = self.store.digest(f"{prefix}/{rel}")
+            files.append({"path": rel, "size_bytes": size, "sha256": sha256})
         return files
 
 

@@ -1,5 +1,6 @@
-"""The training worker: pulls ``training.run.requested`` from the work queue, runs the job's
-method with heartbeats, reports progress, writes the adapter, and acks only when done.
+"""The training worker: pulls ``training.run.requested.<pool>`` from the work queue (one durable
+consumer per trainer pool it serves, largest pool first; core/pools.py), runs the job's method
+with heartbeats, reports progress, writes the adapter, and acks only when done.
 
 A worker that dies leaves its message un-acked: JetStream redelivers it (to this worker once it
 is back, or another) with a higher attempt number, and the scheduler ignores the older attempt's
@@ -12,7 +13,7 @@ attempt's files. After ``MAX_ATTEMPTS`` the job fails with the reason.
 Each attempt that trained leaves a report (``attempt-N/report``: ``loss.png`` and ``report.json``,
 :mod:`tuneforge.trainer.report`) built from its progress reports and, when it resumed, the log
 history of the checkpoint it resumed from; the outcome event names it in ``report_path``. The
-worker also announces itself (``TrainerWorkerSeen``: device class and count) at start and every
+worker also announces itself (``TrainerWorkerSeen``: device class, count and memory, its pools) at start and every
 ``TUNEFORGE_WORKER_SEEN_PERIOD`` seconds, from which the job-scheduler estimates wall times.
 """
 
@@ -29,7 +30,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,7 +45,8 @@ from nats.js import api
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.api.events.v1 import events_pb2 as ev
 from tuneforge.core import hyperparameters as hp
-from tuneforge.core import subjects, telemetry
+from tuneforge.core import pools, subjects, telemetry
+from tuneforge.core.pools import GRADIENT_CHECKPOINTING_OPTION
 from tuneforge.core.bus import Bus
 from tuneforge.core.settings import Settings
 from tuneforge.core.storage import ArtifactStore
@@ -53,7 +57,11 @@ from tuneforge.training import CheckpointReport, ProgressReport, TrainingContext
 from tuneforge.training import finite_metrics as extra_metrics  # a result's metrics as TrainingMetrics.extra
 
 log = logging.getLogger(__name__)
-WORK_CONSUMER = "trainers"
+# One durable pull consumer per trainer pool, "trainer-<pool>", shared by every worker of the pool
+# (work_consumer_name); "trainers" is the one consumer of the release before pools, on the bare
+# subject: workers drain what is left on it (legacy_work_pending).
+LEGACY_WORK_CONSUMER = "trainers"
+LEGACY_CHECK_SECONDS = 60.0
 # A work item is trained at most MAX_ATTEMPTS times. Delivery n's lease is redelivery_backoff(ack_wait)[n-1]
 # (ack_wait doubling, heartbeats keep it alive), so after a worker dies the item comes back later
 # each time; the delivery after the last attempt fails the job without training. The consumer
@@ -121,6 +129,24 @@ def device_class() -> tuple[str, int]:
     return "cpu", 1
 
 
+@functools.cache
+def device_memory_bytes() -> int:
+    """Memory of the smallest GPU this worker trains on, in bytes; 0 on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
+def resolve_worker_pools(settings: Settings) -> list[str]:
+    """The pools this worker takes work from: ``TUNEFORGE_TRAINER_POOLS`` when set, else every
+    pool its hardware holds (core/pools.py), smallest first."""
+    _, count = device_class()
+    memory = device_memory_bytes()
+    return pools.worker_pools(settings.trainer_pools, count if memory else 0, memory)
+
+
 def worker_seen_period() -> int:
     """Seconds between two ``TrainerWorkerSeen`` announcements (``TUNEFORGE_WORKER_SEEN_PERIOD``,
     default 60, at least 1)."""
@@ -166,11 +192,17 @@ def redelivery_backoff(ack_wait: float) -> list[float]:
     return [min(max(ack_wait, MAX_BACKOFF_SECONDS), ack_wait * 2 ** i) for i in range(MAX_ATTEMPTS)]
 
 
-def work_consumer_config(ack_wait: float) -> api.ConsumerConfig:
+def work_consumer_name(pool: str) -> str:
+    return f"trainer-{pools.get_pool(pool).name}"
+
+
+def work_consumer_config(ack_wait: float, pool: str | None = None) -> api.ConsumerConfig:
+    """The durable work consumer of ``pool`` (its subject only), or with ``pool`` None the legacy
+    consumer of the bare subject (items queued by the release before pools)."""
     return api.ConsumerConfig(
-        durable_name=WORK_CONSUMER,
+        durable_name=work_consumer_name(pool) if pool else LEGACY_WORK_CONSUMER,
         ack_policy=api.AckPolicy.EXPLICIT,
-        filter_subject=subjects.TRAINING_RUN_REQUESTED,
+        filter_subject=pools.work_subject(pool) if pool else subjects.TRAINING_RUN_REQUESTED,
         ack_wait=ack_wait,
         backoff=redelivery_backoff(ack_wait),
         max_deliver=-1,
@@ -204,6 +236,24 @@ async def ensure_work_consumer(js, config: api.ConsumerConfig) -> api.ConsumerIn
     log.warning("work consumer %s has an older configuration (%s): recreating it", config.durable_name, reason)
     await js.delete_consumer(subjects.WORK_STREAM, config.durable_name)
     return await js.add_consumer(subjects.WORK_STREAM, config)
+
+
+async def legacy_work_pending(js, ack_wait: float) -> bool:
+    """Whether items of the release before pools wait on the bare work subject: its consumer
+    ("trainers") holds pending or unacknowledged items, or (no such consumer: no worker of that
+    release ever ran) the stream holds a message on that subject, for which the consumer is made.
+    While this is true every worker drains them too; a new deployment never creates the consumer."""
+    try:
+        info = await js.consumer_info(subjects.WORK_STREAM, LEGACY_WORK_CONSUMER)
+        return (info.num_pending or 0) + (info.num_ack_pending or 0) > 0
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.get_last_msg(subjects.WORK_STREAM, subjects.TRAINING_RUN_REQUESTED)
+    except nats.js.errors.NotFoundError:
+        return False
+    await ensure_work_consumer(js, work_consumer_config(ack_wait))
+    return True
 
 
 def run_prefix(workspace_id: str, job_id: str) -> str:
@@ -321,6 +371,158 @@ def _test_crash_hook(seed: int):
     return int(at)
 
 
+# ----------------------------------------------------------------------------------------------
+# Multi-process training (tuneforge_builtin.distributed): how many processes a job trains as, and
+# running them. One process trains in the worker itself (a thread), exactly as always.
+
+LAUNCH_DIRNAME = "launch"  # under the attempt's work dir: job spec, progress, result, log
+LAUNCH_LOG = "training.log"  # every process's output (lines of rank N start "[rank N]")
+LAUNCH_POLL_SECONDS = 0.25
+# After a cancel, the processes stop at the end of their step, evaluate and save; if they have not
+# exited after this long they are killed (the job fails: no adapter was saved).
+STOP_GRACE_SECONDS = 900.0
+# SIGTERM to the launcher's process group (torchrun ends its ranks: SIGTERM, SIGKILL after 30 s),
+# then SIGKILL; a rank whose launcher is gone exits by itself (distributed._watch_parent).
+KILL_GRACE_SECONDS = 40.0
+LOG_TAIL_LINES = 25
+LOG_TAIL_CHARS = 1500
+
+
+def processes_for(request: ev.TrainingRunRequested, device_count: int) -> int:
+    """GPUs the job needs on this worker: its pool's (core/pools.py, ``request.pool``: 4 for
+    ``gpu-4x80g``; 1 for a one-GPU pool, ``small``, or a request from before pools), at most
+    ``device_count``."""
+    return max(1, min(pools.processes_for_pool(request.pool), max(1, device_count)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How a job trains when it is more than one process."""
+
+    processes: int
+    fsdp: bool  # the model needs several GPUs: shard it (FSDP2); otherwise data-parallel (DDP)
+    cpu: bool  # DDP over gloo
+
+    def describe(self) -> str:
+        how = "DDP over gloo (CPU)" if self.cpu else ("FSDP" if self.fsdp else "DDP")
+        return f"{self.processes} processes, {how}"
+
+
+def launch_plan(setting: int | str, request: ev.TrainingRunRequested, device_kind: str,
+                device_count: int) -> LaunchPlan | None:
+    """The processes a job trains as on this worker (``TUNEFORGE_TRAINER_PROCESSES``: ``auto`` or
+    a number), or None for one process in the worker. ``auto``: 1 on a CPU; on GPUs the GPUs the
+    job's pool needs (:func:`processes_for`). FSDP when the model needs more than one GPU, DDP when
+    more processes than it needs are asked. Raises RuntimeError when a number asks for more GPUs
+    than the worker has (a configuration error)."""
+    cpu = device_kind == "cpu"
+    needed = 1 if cpu else processes_for(request, device_count)
+    processes = needed if setting in (None, "", "auto") else int(setting)
+    if not cpu and processes > device_count:
+        raise RuntimeError(f"TUNEFORGE_TRAINER_PROCESSES={setting} but this worker has {device_count} GPU(s)")
+    if processes < needed:
+        log.warning("job %s: pool %s trains on %d GPUs; TUNEFORGE_TRAINER_PROCESSES=%s runs it as %d process(es) "
+                    "(it may not fit)", request.meta.job_id, request.pool, needed, setting, processes)
+    if processes <= 1:
+        return None
+    return LaunchPlan(processes=processes, fsdp=not cpu and needed > 1, cpu=cpu)
+
+
+class LaunchedTrainingError(RuntimeError):
+    """The launched training processes failed (a crashed rank, an error in one, killed)."""
+
+
+def read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete JSON lines of ``path`` after byte ``offset`` (a line still being written is
+    left for the next read), and the offset after them."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    records = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                log.warning("unreadable progress line from the training processes: %r", line[:200])
+    return records, offset + end + 1
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
+    """The last ``lines`` non-blank lines of a log (at most ``chars`` characters), for a reason."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    tail = "\n".join(kept)
+    return tail if len(tail) <= chars else "…" + tail[-(chars - 1):]
+
+
+_ROOT_CAUSE_RE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def root_cause(log_text: str) -> str:
+    """torchrun's "Root Cause (first observed failure)" in a launch log, as "rank 1 exited with
+    code 71", or "" (the other ranks' errors are its consequences: a closed connection)."""
+    found = _ROOT_CAUSE_RE.findall(log_text)
+    if not found:
+        return ""
+    rank, code = found[-1]
+    return f"rank {rank} exited with code {code} first"
+
+
+def _kill_group(pid: int, sig: int) -> bool:
+    """Signal the process group of the launcher (``start_new_session``: every rank is in it)."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+async def stop_process_group(proc) -> None:
+    """SIGTERM to the launched group (torchrun passes it on to its ranks), SIGKILL after
+    ``KILL_GRACE_SECONDS``, and reap the launcher. Never waits longer than that."""
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=KILL_GRACE_SECONDS)
+    except asyncio.TimeoutError:
+        pass
+    _kill_group(proc.pid, signal.SIGKILL)  # the launcher, and ranks that outlived it
+    if proc.returncode is None:
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=KILL_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            log.error("launched training process %s did not exit after SIGKILL", proc.pid)
+
+
+def launch_environment(processes: int) -> dict[str, str]:
+    """The launched processes' environment: this one, intra-op threads shared out over the
+    processes, the import roots of tuneforge and its built-in plugins on ``PYTHONPATH`` (a source
+    checkout runs too), and this worker's pid (a rank whose worker died stops: see
+    ``tuneforge_builtin.distributed``)."""
+    import tuneforge
+    import tuneforge_builtin
+    from tuneforge_builtin import distributed
+
+    env = distributed.launch_environment(max(1, (os.cpu_count() or 1) // processes))
+    roots = [str(Path(m.__file__).resolve().parent.parent) for m in (tuneforge, tuneforge_builtin)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    env[distributed.PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
 @dataclasses.dataclass
 class WorkerStatus:
     worker_id: str
@@ -347,33 +549,80 @@ class TrainingWorker:
         self._started_sent = False  # TrainingRunStarted of the current attempt went out
 
     async def run(self) -> None:
+        """Take work from this worker's pools, largest pool first (a big machine takes the big
+        jobs first; each pool's durable consumer is shared by all its workers), plus what the
+        release before pools left on the bare subject while there is any."""
         js = self.bus.js
-        await ensure_work_consumer(js, work_consumer_config(self.settings.training_ack_wait_seconds))
+        ack_wait = self.settings.training_ack_wait_seconds
+        # The consumers known without looking at the hardware first (every worker's hardware holds
+        # "small"); the hardware (torch: seconds to import) decides the rest.
+        configured = self.settings.trainer_pools
+        known = pools.parse_pool_list(configured) if configured else [pools.SMALL.name]
+        for pool in known:
+            await ensure_work_consumer(js, work_consumer_config(ack_wait, pool))
+        self.worker_pools = await asyncio.to_thread(resolve_worker_pools, self.settings)
+        subs = []
+        for pool in pools.largest_first(self.worker_pools):
+            config = work_consumer_config(ack_wait, pool)
+            if pool not in known:
+                await ensure_work_consumer(js, config)
+            subs.append((pool, await js.pull_subscribe_bind(durable=config.durable_name, stream=subjects.WORK_STREAM)))
+        log.info("worker %s takes work from pool(s) %s", self.status.worker_id, ", ".join(self.worker_pools))
         cancel_sub = await self.bus.nc.subscribe(subjects.TRAINING_RUN_CANCEL_REQUESTED, cb=self._on_cancel)
-        psub = await js.pull_subscribe_bind(durable=WORK_CONSUMER, stream=subjects.WORK_STREAM)
         announcer = asyncio.create_task(self._announce(worker_seen_period()))
+        legacy, legacy_checked = None, -math.inf
         try:
             while not self._stopping.is_set():
-                try:
-                    msgs = await psub.fetch(1, timeout=1.0)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    continue
-                except nats.errors.ConnectionClosedError:
-                    return
-                except Exception:  # nats-server restarting, etc.: keep the worker alive
-                    log.warning("fetching work failed; retrying", exc_info=True)
-                    await asyncio.sleep(0.5)
-                    continue
+                if time.monotonic() - legacy_checked >= LEGACY_CHECK_SECONDS:
+                    legacy_checked = time.monotonic()
+                    legacy = await self._legacy_subscription(legacy)
+                order = ([("legacy", legacy)] if legacy is not None else []) + subs
+                wait = max(0.2, 1.0 / len(order))  # an idle round over every pool takes about a second
+                msgs = []
+                for _name, psub in order:
+                    try:
+                        msgs = await psub.fetch(1, timeout=wait)
+                        break
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        continue
+                    except nats.errors.ConnectionClosedError:
+                        return
+                    except Exception:  # nats-server restarting, etc.: keep the worker alive
+                        log.warning("fetching work failed; retrying", exc_info=True)
+                        await asyncio.sleep(0.5)
+                        break
                 for msg in msgs:
                     with telemetry.consumer_span(msg):  # the job's trace goes on; job ids in the logs
                         await self.handle(msg)
+                if msgs and legacy is not None:
+                    legacy_checked = -math.inf  # drained yet? look again before the next fetch
         finally:
             announcer.cancel()
             await cancel_sub.unsubscribe()
+            for psub in [p for _, p in subs] + ([legacy] if legacy is not None else []):
+                try:
+                    await psub.unsubscribe()
+                except Exception:
+                    pass
+
+    async def _legacy_subscription(self, current):
+        """The legacy consumer's subscription while it has items, else None (unsubscribed)."""
+        js = self.bus.js
+        try:
+            pending = await legacy_work_pending(js, self.settings.training_ack_wait_seconds)
+        except Exception:  # NATS away: ask again later
+            log.warning("could not look for work queued before trainer pools", exc_info=True)
+            return current
+        if pending and current is None:
+            log.info("draining work items queued before trainer pools (consumer %s)", LEGACY_WORK_CONSUMER)
+            return await js.pull_subscribe_bind(durable=LEGACY_WORK_CONSUMER, stream=subjects.WORK_STREAM)
+        if not pending and current is not None:
             try:
-                await psub.unsubscribe()
+                await current.unsubscribe()
             except Exception:
                 pass
+            return None
+        return current
 
     def stop(self) -> None:
         self._stopping.set()
@@ -383,11 +632,13 @@ class TrainingWorker:
         job-scheduler's view of the hardware in the cluster. Best effort (a missed one is only
         late news)."""
         kind, count = await asyncio.to_thread(device_class)
+        memory = await asyncio.to_thread(device_memory_bytes)
         while not self._stopping.is_set():
             try:
                 await self.bus.publish(subjects.TRAINER_WORKER_SEEN, ev.TrainerWorkerSeen(
                     meta=self.bus.meta(""), worker_id=self.status.worker_id, device_class=kind,
-                    device_count=count, period_seconds=period))
+                    device_count=count, period_seconds=period, pools=list(getattr(self, "worker_pools", ())),
+                    device_memory_bytes=memory))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -567,6 +818,112 @@ class TrainingWorker:
             log.warning("job %s (attempt %s): could not write the run's report", meta.job_id, attempt, exc_info=True)
             return ""
 
+    def _launch_plan(self, request: ev.TrainingRunRequested, method, resolved: hp.ResolvedHyperparameters,
+                     options: dict) -> LaunchPlan | None:
+        """:func:`launch_plan` for this worker and job, or None (one process, in the worker).
+        UserDataError when the job cannot train as those processes (its batch does not divide)."""
+        kind, count = device_class()
+        plan = launch_plan(self.settings.trainer_processes, request, kind, count)
+        if plan is None:
+            return None
+        job_id = request.meta.job_id
+        if not getattr(method, "supports_distributed", False):
+            log.warning("job %s: method %s trains as one process only (not %s)", job_id, method.name, plan.describe())
+            return None
+        if resolved.batch_size % plan.processes:
+            raise UserDataError(f"batch_size {resolved.batch_size} does not divide over the {plan.processes} "
+                                f"training processes of this worker: choose a multiple of {plan.processes}")
+        if plan.fsdp and str(options.get("quantization") or "none") != "none":
+            raise UserDataError(f"quantization={options['quantization']} cannot train a model sharded over "
+                                f"{plan.processes} GPUs (QLoRA trains on one GPU a process)")
+        log.info("job %s: training as %s", job_id, plan.describe())
+        return plan
+
+    async def _train_launched(self, request: ev.TrainingRunRequested, attempt: int, context: TrainingContext,
+                              plan: LaunchPlan, work: Path, on_progress, on_checkpoint) -> TrainingResult:
+        """Train ``context`` as ``plan.processes`` launched processes (tuneforge_builtin.distributed):
+        their progress and checkpoints go to ``on_progress`` / ``on_checkpoint`` as rank 0 writes
+        them, a cancel becomes the stop file, rank 0's result file the ``TrainingResult``. A crashed
+        or failing rank fails the run with the log's tail (the log is kept in the work dir and
+        stored under the attempt's ``logs/``); the process group is killed whenever this returns
+        or raises with it still running (cancelled task, stop timeout, a failed upload)."""
+        from tuneforge_builtin import distributed
+
+        job_id = context.job_id
+        meta = request.meta
+        launch_dir = work / LAUNCH_DIRNAME
+        shutil.rmtree(launch_dir, ignore_errors=True)
+        launch_dir.mkdir(parents=True)
+        paths = {name: launch_dir / file for name, file in (
+            ("progress", "progress.jsonl"), ("result", "result.json"), ("stop", "stop"), ("error", "error.txt"))}
+        spec = distributed.JobSpec(
+            job_id=job_id, method=request.method, base_model=context.base_model.id,
+            model_dir=str(Path(context.model_dir).resolve()), train_file=str(Path(context.train_file).resolve()),
+            test_file=str(Path(context.test_file).resolve()), output_dir=str(Path(context.output_dir).resolve()),
+            hyperparameters=context.hyperparameters.to_dict(), seed=context.seed,
+            method_options=dict(context.method_options),
+            resume_from=str(Path(context.resume_from).resolve()) if context.resume_from else None,
+            progress_file=str(paths["progress"]), result_file=str(paths["result"]), stop_file=str(paths["stop"]),
+            error_file=str(paths["error"]))
+        command = distributed.launch_command(spec.write(launch_dir / "job.json"), plan.processes, cpu=plan.cpu,
+                                             fsdp=plan.fsdp, python=sys.executable)
+        log_path = launch_dir / LAUNCH_LOG
+        log.info("job %s: launching %s (log: %s)", job_id, plan.describe(), log_path)
+        with open(log_path, "ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+                env=launch_environment(plan.processes), start_new_session=True)
+        offset, stop_sent = 0, None
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout=LAUNCH_POLL_SECONDS)
+                    exited = True
+                except asyncio.TimeoutError:
+                    exited = False
+                records, offset = await asyncio.to_thread(read_new_records, paths["progress"], offset)
+                for item in map(distributed.report_from_record, records):
+                    if isinstance(item, CheckpointReport):
+                        await asyncio.to_thread(on_checkpoint, item)  # uploads: an error fails the run
+                    else:
+                        try:
+                            await asyncio.to_thread(on_progress, item)
+                        except Exception:  # best effort, as in one process (trl_common.ProgressCallback)
+                            log.exception("job %s: progress report failed", job_id)
+                if exited:
+                    break
+                if stop_sent is None and self._is_cancelled(job_id):
+                    paths["stop"].touch()
+                    stop_sent = time.monotonic()
+                    log.info("job %s: cancel requested: the training processes stop after this step", job_id)
+                elif stop_sent is not None and time.monotonic() - stop_sent > STOP_GRACE_SECONDS:
+                    raise LaunchedTrainingError(f"the training processes did not stop within {STOP_GRACE_SECONDS:.0f} s "
+                                                "of the cancel request; killed")
+        finally:
+            if proc.returncode is None:
+                log.warning("job %s: stopping the training processes (group %s)", job_id, proc.pid)
+                await asyncio.shield(stop_process_group(proc))
+            else:
+                _kill_group(proc.pid, signal.SIGKILL)  # a rank that outlived its launcher
+        if proc.returncode == 0 and paths["result"].is_file():
+            return distributed.result_from_record(json.loads(paths["result"].read_text(encoding="utf-8")))
+        error = paths["error"].read_text(encoding="utf-8", errors="replace").strip() if paths["error"].is_file() else ""
+        tail = log_tail(log_path)
+        first = root_cause(log_tail(log_path, lines=200, chars=64 * 1024))
+        if first and not error.startswith(first.split(" exited")[0] + ":"):
+            error = f"{first}; {error}" if error else first
+        key = f"{attempt_prefix(meta.workspace_id, meta.job_id, attempt)}/logs/{LAUNCH_LOG}"
+        try:
+            await asyncio.to_thread(self.store.put_file, log_path, key)
+        except Exception:
+            log.warning("job %s: could not store the training log %s", job_id, log_path, exc_info=True)
+            key = str(log_path)
+        log.error("job %s: the %d training processes failed (exit code %s); log %s, last lines:\n%s",
+                  job_id, plan.processes, proc.returncode, log_path, tail)
+        what = error or ("no result file" if proc.returncode == 0 else "a process exited without an error message")
+        raise LaunchedTrainingError(f"{plan.processes} training processes failed (exit code {proc.returncode}): "
+                                    f"{what}; log {key}, last lines:\n{tail}")
+
     async def _train(self, request: ev.TrainingRunRequested, attempt: int, record: RunRecord | None = None):
         record = record if record is not None else RunRecord()
         meta = request.meta
@@ -587,12 +944,23 @@ class TrainingWorker:
             options = method.validate_options(json.loads(request.method_options_json or "{}"))
         except ValueError as exc:
             raise UserDataError(f"invalid method options: {exc}") from exc
+        if (GRADIENT_CHECKPOINTING_OPTION in getattr(method, "option_names", ())
+                and GRADIENT_CHECKPOINTING_OPTION not in options):
+            # A job sized for a GPU pool is sized with gradient checkpointing on (core.pools): train so.
+            options[GRADIENT_CHECKPOINTING_OPTION] = pools.needs_gradient_checkpointing(request.pool)
+        check_runtime = getattr(method, "check_runtime", None)  # e.g. quantization=4bit needs CUDA, bitsandbytes
+        if check_runtime is not None:
+            try:
+                await asyncio.to_thread(check_runtime, options)
+            except ValueError as exc:
+                raise UserDataError(str(exc)) from exc
         resolved = hp.resolve(
             hp.from_proto(request.hyperparameters),
             available_modules=spec.lora_target_modules,
             default_modules=spec.default_lora_target_modules,
         )
         record.hyperparameters = dataclasses.asdict(resolved)
+        launch = await asyncio.to_thread(self._launch_plan, request, method, resolved, options)
         work = self.work_root / job_id / f"attempt-{attempt}"
         if work.exists():
             shutil.rmtree(work)
@@ -699,7 +1067,11 @@ class TrainingWorker:
                 log.error("test-only %s=0: exiting as attempt %s starts", TEST_CRASH_AT_STEP_ENV, attempt)
                 os._exit(TEST_CRASH_EXIT_CODE)
             try:
-                result = await asyncio.to_thread(method.train, context)
+                if launch is None:  # one process: the method trains in this one
+                    result = await asyncio.to_thread(method.train, context)
+                else:
+                    result = await self._train_launched(request, attempt, context, launch, work,
+                                                        on_progress, on_checkpoint)
                 break
             except Exception as exc:
                 if resume_dir is None or trained_past[0]:

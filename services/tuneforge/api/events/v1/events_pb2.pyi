@@ -85,7 +85,7 @@ class DatasetBuildFailed(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ...) -> None: ...
 
 class TrainingRunRequested(_message.Message):
-    __slots__ = ("meta", "base_model", "method", "method_options_json", "hyperparameters", "dataset", "job_name")
+    __slots__ = ("meta", "base_model", "method", "method_options_json", "hyperparameters", "dataset", "job_name", "pool")
     META_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class TrainingRunRequested(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     base_model: str
     method: str
@@ -100,7 +101,8 @@ class TrainingRunRequested(_message.Message):
     hyperparameters: _common_pb2.Hyperparameters
     dataset: _common_pb2.DatasetSummary
     job_name: str
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., method_options_json: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., job_name: _Optional[str] = ...) -> None: ...
+    pool: str
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., method_options_json: _Optional[str] = ..., hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., job_name: _Optional[str] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class TrainingRunStarted(_message.Message):
     __slots__ = ("meta", "attempt", "worker_id", "resumed_from_step")
@@ -171,18 +173,22 @@ class TrainingRunFailed(_message.Message):
     def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., report_path: _Optional[str] = ...) -> None: ...
 
 class TrainerWorkerSeen(_message.Message):
-    __slots__ = ("meta", "worker_id", "device_class", "device_count", "period_seconds")
+    __slots__ = ("meta", "worker_id", "device_class", "device_count", "period_seconds", "pools", "device_memory_bytes")
     META_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
     PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     meta: EventMeta
     worker_id: str
     device_class: str
     device_count: int
     period_seconds: int
-    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., worker_id: _Optional[str] = ..., device_class: _Optional[str] = ..., device_count: _Optional[int] = ..., period_seconds: _Optional[int] = ...) -> None: ...
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    device_memory_bytes: int
+    def __init__(self, meta: _Optional[_Union[EventMeta, _Mapping]] = ..., worker_id: _Optional[str] = ..., device_class: _Optional[str] = ..., device_count: _Optional[int] = ..., period_seconds: _Optional[int] = ..., pools: _Optional[_Iterable[str]] = ..., device_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class TrainingRunCancelled(_message.Message):
     __slots__ = ("meta", "attempt", "adapter_path", "step")

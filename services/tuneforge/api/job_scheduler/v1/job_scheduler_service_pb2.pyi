@@ -73,18 +73,36 @@ class ValidateJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class ValidateJobResponse(_message.Message):
-    __slots__ = ("resolved_hyperparameters", "dataset_only", "warnings", "dataset_plan", "training_plan")
+    __slots__ = ("resolved_hyperparameters", "dataset_only", "warnings", "dataset_plan", "training_plan", "pool_plan")
     RESOLVED_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_ONLY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     DATASET_PLAN_FIELD_NUMBER: _ClassVar[int]
     TRAINING_PLAN_FIELD_NUMBER: _ClassVar[int]
+    POOL_PLAN_FIELD_NUMBER: _ClassVar[int]
     resolved_hyperparameters: _common_pb2.Hyperparameters
     dataset_only: bool
     warnings: _containers.RepeatedScalarFieldContainer[str]
     dataset_plan: DatasetPlan
     training_plan: TrainingPlan
-    def __init__(self, resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset_only: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ..., dataset_plan: _Optional[_Union[DatasetPlan, _Mapping]] = ..., training_plan: _Optional[_Union[TrainingPlan, _Mapping]] = ...) -> None: ...
+    pool_plan: PoolPlan
+    def __init__(self, resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., dataset_only: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ..., dataset_plan: _Optional[_Union[DatasetPlan, _Mapping]] = ..., training_plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., pool_plan: _Optional[_Union[PoolPlan, _Mapping]] = ...) -> None: ...
+
+class PoolPlan(_message.Message):
+    __slots__ = ("pool", "description", "required_memory_gib", "processes", "basis", "workers_registered")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    description: str
+    required_memory_gib: float
+    processes: int
+    basis: str
+    workers_registered: int
+    def __init__(self, pool: _Optional[str] = ..., description: _Optional[str] = ..., required_memory_gib: _Optional[float] = ..., processes: _Optional[int] = ..., basis: _Optional[str] = ..., workers_registered: _Optional[int] = ...) -> None: ...
 
 class DatasetPlan(_message.Message):
     __slots__ = ("workspace_examples", "after_topics", "after_formats", "after_dedupe", "overlength", "after_overlength", "train_count", "test_count", "train_tokens", "test_tokens", "tokenizer", "warnings")
@@ -167,7 +185,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "resolved_hyperparameters", "state", "failure_reason", "failure_kind", "dataset_only", "dataset", "progress", "metrics", "model_name", "model_id", "notify_email", "create_time", "update_time", "attempt", "report_path")
+    __slots__ = ("id", "spec", "resolved_hyperparameters", "state", "failure_reason", "failure_kind", "dataset_only", "dataset", "progress", "metrics", "model_name", "model_id", "notify_email", "create_time", "update_time", "attempt", "report_path", "pool", "state_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +203,8 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     resolved_hyperparameters: _common_pb2.Hyperparameters
@@ -202,7 +222,9 @@ class Job(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     attempt: int
     report_path: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., failure_reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., notify_email: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., report_path: _Optional[str] = ...) -> None: ...
+    pool: str
+    state_reason: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., resolved_hyperparameters: _Optional[_Union[_common_pb2.Hyperparameters, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., failure_reason: _Optional[str] = ..., failure_kind: _Optional[_Union[_common_pb2.FailureKind, str]] = ..., dataset_only: _Optional[bool] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSummary, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.TrainingMetrics, _Mapping]] = ..., model_name: _Optional[str] = ..., model_id: _Optional[str] = ..., notify_email: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., report_path: _Optional[str] = ..., pool: _Optional[str] = ..., state_reason: _Optional[str] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job", "warnings")
