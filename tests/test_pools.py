@@ -334,6 +334,52 @@ async def test_a_70b_job_waits_for_a_worker_of_its_pool(tmp_path, store, one_tor
         nats.stop()
 
 
+async def test_a_queued_job_gets_its_reason_back_when_its_pools_last_worker_goes_silent(tmp_path):
+    """Announcements only say that a worker is there: when the last worker of a pool stops
+    announcing (``plan.LIVE_PERIODS`` periods), the job-scheduler's sweep marks the jobs queued for
+    that pool as waiting again, with a job event; a pool that still has a live worker is left alone;
+    a second sweep changes nothing. Real NATS, the real job-scheduler and its SQLite database."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from tuneforge.core.db import utcnow
+    from tuneforge.job_scheduler.models import JobEventRow, JobRow, TrainerWorkerRow
+
+    nats = NatsServerProcess(tmp_path / "nats").start()
+    service = load_service_class("job-scheduler")(Settings(
+        data_dir=tmp_path / "state", nats_url=nats.url, admin_token=ADMIN, job_scheduler_port=0))
+    try:
+        await service.start(port=0)
+        now = utcnow()
+        async with service.db.session() as session, session.begin():
+            session.add_all([
+                TrainerWorkerRow(worker_id="big-gone", device_class="cuda:H100", device_count=4, period_seconds=10,
+                                 pools="gpu-4x80g", last_seen_at=now - dt.timedelta(seconds=31)),
+                TrainerWorkerRow(worker_id="one-gpu", device_class="cuda:H100", device_count=1, period_seconds=10,
+                                 pools="small,gpu-24g,gpu-80g", last_seen_at=now - dt.timedelta(seconds=5)),
+            ])
+            for job_id, pool in (("job-big", "gpu-4x80g"), ("job-one", "gpu-80g"), ("job-legacy", "legacy")):
+                session.add(JobRow(id=job_id, workspace_id="ws", name=job_id, spec=b"", resolved_hyperparameters=b"",
+                                   state=js.JOB_STATE_QUEUED, notify_email="a@example.com", pool=pool))
+        assert await service.sweep_waiting_pools(utcnow()) == ["job-big"]
+        assert await service.sweep_waiting_pools(utcnow()) == []  # once
+        async with service.db.session() as session:
+            reasons = {j.id: j.state_reason for j in (await session.execute(select(JobRow))).scalars()}
+            events = [(e.job_id, e.message) for e in (await session.execute(select(JobEventRow))).scalars()]
+        assert reasons == {"job-big": pools.waiting_reason("gpu-4x80g"), "job-one": "", "job-legacy": ""}
+        assert events == [("job-big", pools.waiting_reason("gpu-4x80g"))]
+        # The worker announces itself again: the reason goes (the path the end-to-end test takes).
+        seen = ev.TrainerWorkerSeen(meta=service.bus.meta(""), worker_id="big-gone", device_class="cuda:H100",
+                                    device_count=4, period_seconds=10, pools=["gpu-4x80g"])
+        await service.on_worker_seen(seen)
+        async with service.db.session() as session:
+            assert (await session.get(JobRow, "job-big")).state_reason == ""
+    finally:
+        await service.stop(grace=0.5)
+        nats.stop()
+
+
 def test_the_cli_shows_the_pool_and_why_a_job_waits(capsys):
     from tuneforge.cli.jobs import job_summary, print_plan
 

@@ -89,6 +89,50 @@ class JobScheduler(BaseService):
             await retry_stale(lambda: handlers[subject](message))
 
         await self.bus.consume("job-scheduler", list(handlers), dispatch, on_dead_letter=self.on_dead_letter)
+        self.spawn(self._sweep_pools_forever(), "job-scheduler-pool-sweep")
+
+    async def _sweep_pools_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POOL_SWEEP_SECONDS)
+            try:
+                await self.sweep_waiting_pools(utcnow())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database restarting, etc.: the next sweep tries again
+                log.warning("the pool sweep failed; next in %ss", POOL_SWEEP_SECONDS, exc_info=True)
+
+    async def sweep_waiting_pools(self, now: dt.datetime) -> list[str]:
+        """QUEUED jobs whose pool has lost its last live worker (no announcement for
+        ``plan.LIVE_PERIODS`` periods) get their waiting reason back, with a job event: the
+        announcements only ever say that a worker is there, never that it left. Returns the ids
+        of the jobs it marked. Idempotent (several scheduler replicas may sweep at once)."""
+        async with self.db.session() as session:
+            waiting = (await session.execute(select(JobRow.id, JobRow.pool).where(
+                JobRow.state == S.JOB_STATE_QUEUED, JobRow.state_reason == "",
+                JobRow.pool.in_(list(pools.POOLS_BY_NAME))))).all()
+            if not waiting:
+                return []
+            workers = await self._workers(session)
+        unserved = {pool for _id, pool in waiting if not plan.workers_serving(workers, pool, now)}
+        marked = []
+        for job_id, pool in waiting:
+            if pool not in unserved:
+                continue
+
+            async def mark(job_id=job_id):
+                async with self.db.session() as session, session.begin():
+                    job = await session.get(JobRow, job_id)
+                    if job is None or job.state != S.JOB_STATE_QUEUED or job.state_reason:
+                        return False
+                    job.state_reason = pools.waiting_reason(job.pool)
+                    await self._add_event(session, job, "message", job.state_reason)
+                    return True
+            if await retry_stale(mark):
+                marked.append(job_id)
+                self._changed_now(job_id)
+        if marked:
+            log.warning("no live trainer of pool(s) %s: %d queued job(s) wait", ", ".join(sorted(unserved)), len(marked))
+        return marked
 
     # Events whose loss would leave a job waiting forever: given up, they fail the job instead.
     _DECISIVE = frozenset({
@@ -989,6 +1033,10 @@ def _shed_if_expired(context) -> None:
 def _worker(row: TrainerWorkerRow) -> plan.Worker:
     return plan.Worker(row.worker_id, row.device_class, row.last_seen_at, row.period_seconds,
                        tuple(p for p in (row.pools or "").split(",") if p))
+
+
+# How often the job-scheduler looks for queued jobs whose pool lost its last live worker.
+POOL_SWEEP_SECONDS = 5.0
 
 
 async def retry_stale(operation, attempts: int = 5):
