@@ -84,6 +84,27 @@ def smtp_server() -> Iterator[SmtpSink]:
 ADMIN = "tfadm_test-admin-token"
 
 
+class WorkMsg:
+    """A work item as the trainer worker's ``handle`` receives it from JetStream: the payload, the
+    delivery count, and the acknowledgements it makes (counted); ``term`` must not happen."""
+
+    def __init__(self, request, delivered: int = 1):
+        import types
+
+        self.data = request.SerializeToString()
+        self.metadata = types.SimpleNamespace(num_delivered=delivered)
+        self.acks = 0
+
+    async def ack(self):
+        self.acks += 1
+
+    async def in_progress(self):
+        pass
+
+    async def term(self):
+        raise AssertionError("terminated")
+
+
 class ServicesHandle(tuple):
     """``(endpoints, settings)``, plus ``.apps``: the service objects by name (for fault injection)."""
 

@@ -40,6 +40,7 @@ from tuneforge.api.job_scheduler.v1 import job_scheduler_service_pb2 as js
 from tuneforge.core import subjects
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.trainer import worker as w
+from conftest import WorkMsg
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +168,7 @@ async def test_a_two_process_job_trains_like_one_process_and_resumes(services, s
     request = ev.TrainingRunRequested(
         meta=ev.EventMeta(event_id="r", workspace_id=two.workspace_id, job_id=job_id), base_model=BASE_MODEL,
         method="sft", hyperparameters=STACK_HYPERPARAMETERS, dataset=two.job.dataset, pool="small")
-    await resumer.handle(_Msg(request, delivered=2))
+    await resumer.handle(WorkMsg(request, delivered=2))
     started = [m.resumed_from_step for s, m in bus.published if s == subjects.TRAINING_RUN_STARTED]
     assert started == [2]
     (succeeded,) = [m for s, m in bus.published if s == subjects.TRAINING_RUN_SUCCEEDED]
@@ -199,22 +200,6 @@ class _RecordingBus:
         (out,) = [(s, m) for s, m in self.published if s in (
             subjects.TRAINING_RUN_SUCCEEDED, subjects.TRAINING_RUN_FAILED, subjects.TRAINING_RUN_CANCELLED)]
         return out
-
-
-class _Msg:
-    def __init__(self, request, delivered: int = 1):
-        self.data = request.SerializeToString()
-        self.metadata = types.SimpleNamespace(num_delivered=delivered)
-        self.acks = 0
-
-    async def ack(self):
-        self.acks += 1
-
-    async def in_progress(self):
-        pass
-
-    async def term(self):
-        raise AssertionError("terminated")
 
 
 WS = "ws-distributed"
@@ -249,7 +234,7 @@ async def test_a_crashed_rank_fails_the_run_with_the_log_not_a_hang(tmp_path, st
     bus = _RecordingBus()
     worker = _worker(tmp_path, standin_store, bus, train=32, test=8)
     started = time.monotonic()
-    msg = _Msg(_request("job-crash", 32))
+    msg = WorkMsg(_request("job-crash", 32))
     await asyncio.wait_for(worker.handle(msg), timeout=180)
     elapsed = time.monotonic() - started
     subject, failed = bus.outcome()
@@ -274,7 +259,7 @@ async def test_a_cancel_stops_both_ranks_after_the_step_and_keeps_the_adapter(tm
 
     bus = _RecordingBus(cancel_on_first_progress)
     worker = _worker(tmp_path, standin_store, bus, train=64, test=8)
-    await asyncio.wait_for(worker.handle(_Msg(_request(job_id, 64, max_epochs=4))), timeout=180)
+    await asyncio.wait_for(worker.handle(WorkMsg(_request(job_id, 64, max_epochs=4))), timeout=180)
     subject, cancelled = bus.outcome()
     assert subject == subjects.TRAINING_RUN_CANCELLED, cancelled
     assert 1 <= cancelled.step < 32  # 64 examples × 4 epochs / batch 8 planned; stopped early
@@ -284,14 +269,14 @@ async def test_a_cancel_stops_both_ranks_after_the_step_and_keeps_the_adapter(tm
 async def test_what_cannot_train_as_processes_fails_as_the_users_error(tmp_path, standin_store):
     bus = _RecordingBus()
     worker = _worker(tmp_path, standin_store, bus, train=16, test=0)
-    await worker.handle(_Msg(_request("job-odd-batch", 16, batch_size=7)))
+    await worker.handle(WorkMsg(_request("job-odd-batch", 16, batch_size=7)))
     subject, failed = bus.outcome()
     assert subject == subjects.TRAINING_RUN_FAILED and failed.failure_kind == common_pb2.FAILURE_KIND_USER
     assert failed.reason == ("batch_size 7 does not divide over the 2 training processes of this worker: "
                              "choose a multiple of 2")
 
     bus.published.clear()
-    await worker.handle(_Msg(_request("job-qlora", 16, options={"quantization": "4bit"})))
+    await worker.handle(WorkMsg(_request("job-qlora", 16, options={"quantization": "4bit"})))
     subject, failed = bus.outcome()
     assert subject == subjects.TRAINING_RUN_FAILED and failed.failure_kind == common_pb2.FAILURE_KIND_USER
     assert "quantization=4bit (QLoRA) needs a CUDA GPU" in failed.reason, failed.reason

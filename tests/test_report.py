@@ -21,6 +21,7 @@ import pytest
 from tuneforge.api.common.v1 import common_pb2
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.trainer import report as r
+from conftest import WorkMsg
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -169,21 +170,6 @@ class _RecordingBus:
         self.published.append((subject, message))
 
 
-class _Msg:
-    def __init__(self, request, delivered: int):
-        import types
-
-        self.data = request.SerializeToString()
-        self.metadata = types.SimpleNamespace(num_delivered=delivered)
-        self.acks = 0
-
-    async def ack(self):
-        self.acks += 1
-
-    async def in_progress(self):
-        pass
-
-
 class _Stop(Exception):
     """Attempt 1 stops here, as a crashed worker would (its checkpoint is uploaded already)."""
 
@@ -235,7 +221,7 @@ async def test_a_resumed_runs_report_starts_at_step_1(tmp_path: Path, standin_st
     assert [c.step for c in w.complete_checkpoints(trainer.store, WS, JOB)] == [STOP_AFTER_STEP]
 
     # Attempt 2 (the redelivery) resumes from it through the worker.
-    msg = _Msg(request, delivered=2)
+    msg = WorkMsg(request, delivered=2)
     await trainer.handle(msg)
     assert msg.acks == 1
     started = [m for s, m in bus.published if s == subjects.TRAINING_RUN_STARTED]
@@ -305,7 +291,7 @@ async def test_a_run_that_fails_after_logging_losses_keeps_its_report(tmp_path: 
             meta=ev.EventMeta(event_id="r", workspace_id=WS, job_id="job-fails"), base_model=CATALOG_ID,
             method=method.name, hyperparameters=common_pb2.Hyperparameters(batch_size=2),
             dataset=common_pb2.DatasetSummary(artifact_path="datasets/ws/ds", train_count=12))
-        msg = _Msg(request, delivered=1)
+        msg = WorkMsg(request, delivered=1)
         await trainer.handle(msg)
     finally:
         registry.methods.pop(method.name, None)

@@ -29,6 +29,7 @@ import pytest
 
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.trainer import worker as w
+from conftest import WorkMsg
 
 CATALOG_ID = "llama-3.2-1b"
 WS, JOB = "ws-resume", "job-resume"
@@ -330,24 +331,6 @@ class _RecordingBus:
         self.published.append((subject, message))
 
 
-class _Msg:
-    def __init__(self, request, delivered: int):
-        import types
-
-        self.data = request.SerializeToString()
-        self.metadata = types.SimpleNamespace(num_delivered=delivered)
-        self.acks = 0
-
-    async def ack(self):
-        self.acks += 1
-
-    async def in_progress(self):
-        pass
-
-    async def term(self):
-        raise AssertionError("terminated")
-
-
 class _FlakyResumeMethod:
     """Trains (writes an adapter) from scratch; raises if asked to resume, as a checkpoint that
     does not load would."""
@@ -415,7 +398,7 @@ async def test_a_checkpoint_that_does_not_load_falls_back_to_step_0_and_says_so(
     trainer, bus, request, method = worker_env
     _fake_checkpoint(trainer.store, 1, 4, tmp_path)
     trainer.store.put_bytes(f"{w.attempt_prefix(WS, JOB, 1)}/{w.ATTEMPT_MARKER}", b"{}")
-    msg = _Msg(request, delivered=2)
+    msg = WorkMsg(request, delivered=2)
     await trainer.handle(msg)
     assert msg.acks == 1
     assert [p is not None for p in method.resumed_from] == [True, False]  # step 4 failed to load, then 0
@@ -427,7 +410,7 @@ async def test_a_checkpoint_that_does_not_load_falls_back_to_step_0_and_says_so(
     assert w.started_attempts(trainer.store, WS, JOB) == [1, 2]
 
     # The ack was lost and the item comes back: the stored result goes out again, no training.
-    again = _Msg(request, delivered=3)
+    again = WorkMsg(request, delivered=3)
     await trainer.handle(again)
     assert again.acks == 1 and len(method.resumed_from) == 2
     assert bus.published[-1] == (subjects.TRAINING_RUN_SUCCEEDED, succeeded)
@@ -441,7 +424,7 @@ async def test_the_delivery_after_the_last_attempt_fails_the_job_without_trainin
     for attempt in range(1, w.MAX_ATTEMPTS + 1):  # every attempt started, none finished
         trainer.store.put_bytes(f"{w.attempt_prefix(WS, JOB, attempt)}/{w.ATTEMPT_MARKER}", b"{}")
     _fake_checkpoint(trainer.store, 2, 6, tmp_path)
-    msg = _Msg(request, delivered=2)  # a recreated consumer counts deliveries from 1 again: still attempt 5
+    msg = WorkMsg(request, delivered=2)  # a recreated consumer counts deliveries from 1 again: still attempt 5
     await trainer.handle(msg)
     assert msg.acks == 1 and method.resumed_from == []
     (subject, failed), = bus.published
