@@ -292,11 +292,11 @@ async def test_a_service_logs_json_with_job_workspace_and_trace(tmp_path):
 
 
 async def test_an_outbox_table_from_before_gets_the_trace_column(tmp_path):
-    """A state directory made before traces: its outbox table gains ``trace_context`` at start-up."""
+    """A state directory made before traces: its outbox table gains ``trace_context`` at start-up
+    (the migrations adopt a database made before them)."""
     import sqlite3
 
     from tuneforge.core.db import Database
-    from tuneforge.core.outbox import OutboxBase, upgrade_outbox_schema
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
@@ -304,9 +304,8 @@ async def test_an_outbox_table_from_before_gets_the_trace_column(tmp_path):
                      "created_at DATETIME)")
     db = Database(f"sqlite+aiosqlite:///{path}")
     try:
-        await db.create_all(OutboxBase)
-        await upgrade_outbox_schema(db)
-        await upgrade_outbox_schema(db)  # once only
+        await db.migrate("trainer")  # what start-up runs: the pre-migrations database is adopted
+        await db.migrate("trainer")  # once only
     finally:
         await db.close()
     with sqlite3.connect(path) as conn:

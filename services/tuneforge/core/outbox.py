@@ -10,7 +10,7 @@ import logging
 
 import nats.errors
 from google.protobuf.message import DecodeError, Message
-from sqlalchemy import Integer, LargeBinary, String, delete, inspect, select, text
+from sqlalchemy import Integer, LargeBinary, String, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -52,23 +52,6 @@ class OutboxDeadRow(OutboxBase):
 
 
 UNPUBLISHABLE = (nats.errors.MaxPayloadError, KeyError, DecodeError, TypeError)
-
-
-async def upgrade_outbox_schema(db: Database) -> None:
-    """Add ``trace_context`` to an outbox table created before it existed. Services no longer
-    call it: their migrations' baseline has the column, and adopting a database made before
-    migrations adds it (core/migrations.py); this serves databases made with ``create_all``."""
-    def missing(conn) -> bool:
-        return "trace_context" not in {c["name"] for c in inspect(conn).get_columns(OutboxRow.__tablename__)}
-
-    try:
-        async with db.engine.begin() as conn:
-            if await conn.run_sync(missing):
-                await conn.execute(text(f"ALTER TABLE {OutboxRow.__tablename__} ADD COLUMN trace_context VARCHAR(1024)"))
-    except Exception:  # a replica of the service added it at the same moment?
-        async with db.engine.connect() as conn:
-            if await conn.run_sync(missing):
-                raise
 
 
 class Outbox:

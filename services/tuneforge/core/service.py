@@ -11,7 +11,6 @@ import signal
 from collections.abc import Callable, Sequence
 
 import grpc
-from sqlalchemy.orm import DeclarativeBase
 
 from tuneforge.core import subjects, telemetry
 from tuneforge.core.bus import Bus, RedeliveryPolicy
@@ -25,10 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class BaseService(abc.ABC):
-    """Composes the shared parts; a service fills in its tables, servicers and consumers."""
+    """Composes the shared parts; a service fills in its servicers and consumers (its tables come
+    from its migration history, core/migrations.py, applied at start)."""
 
     name: str = ""
-    tables: Sequence[type[DeclarativeBase]] = ()
     admin_methods: Sequence[str] = ()
     admin_or_workspace_methods: Sequence[str] = ()  # the administrator token or a workspace key
 

@@ -30,7 +30,7 @@ from tuneforge.core.storage import ArtifactStore
 from tuneforge.core.workspaces import Workspace, WorkspaceRow
 from tuneforge.dataset_builder import builder, formats, workers
 from tuneforge.dataset_builder.tokens import TokenCounter
-from tuneforge.dataset_builder.models import Base, DatasetRow, ExampleRow, ExampleTopicRow, TokenCountRow
+from tuneforge.dataset_builder.models import DatasetRow, ExampleRow, ExampleTopicRow, TokenCountRow
 from tuneforge.plugins import get_registry
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ MAX_IMPORT_BYTES = 1024 * 2**20
 
 class DatasetBuilder(BaseService):
     name = "dataset-builder"
-    tables = (Base,)
 
     def __init__(self, settings):
         super().__init__(settings)

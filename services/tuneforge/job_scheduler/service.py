@@ -34,7 +34,7 @@ from tuneforge.core.workspaces import hash_api_key, new_api_key
 from tuneforge.job_scheduler import api_keys, capability_check, plan
 from tuneforge.job_scheduler import state_machine as sm
 from tuneforge.job_scheduler.models import (
-    Base, CheckpointRow, JobEventRow, JobRow, ThroughputRow, TrainerWorkerRow, WorkspaceSecretRow,
+    CheckpointRow, JobEventRow, JobRow, ThroughputRow, TrainerWorkerRow, WorkspaceSecretRow,
 )
 from tuneforge.plugins import base_model_messages, get_registry
 from tuneforge.training import ALL_LORA_MODULES
@@ -54,7 +54,6 @@ LIST_RESPONSE_CACHE = 1024  # ListJobs pages kept as built answers (JobScheduler
 
 class JobScheduler(BaseService):
     name = "job-scheduler"
-    tables = (Base,)
     admin_methods = (f"/{SERVICE_NAME}/CreateWorkspace",)
     admin_or_workspace_methods = tuple(f"/{SERVICE_NAME}/{m}" for m in ("CreateApiKey", "ListApiKeys", "RevokeApiKey"))
 

@@ -29,7 +29,7 @@ from tuneforge.core.grpc_server import current_workspace
 from tuneforge.core.rpc import Page, file_chunks, timestamp
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
-from tuneforge.model_registry.models import AssignmentRow, Base, ModelRow
+from tuneforge.model_registry.models import AssignmentRow, ModelRow
 from tuneforge.plugins import base_model_messages, get_registry
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def model_id_for(workspace_id: str, job_id: str) -> str:
 
 class ModelRegistry(BaseService):
     name = "model-registry"
-    tables = (Base,)
 
     def __init__(self, settings):
         super().__init__(settings)

@@ -29,7 +29,7 @@ from tuneforge.core import validation as val
 from tuneforge.core.service import BaseService
 from tuneforge.core.storage import ArtifactStore
 from tuneforge.notifier import mailer, messages
-from tuneforge.notifier.models import Base, DeliveryEventRow, DeliveryRow
+from tuneforge.notifier.models import DeliveryEventRow, DeliveryRow
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NotifierService"].full_name
@@ -41,7 +41,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 class Notifier(BaseService):
     name = "notifier"
-    tables = (Base,)
 
     def __init__(self, settings):
         super().__init__(settings)
